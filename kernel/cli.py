@@ -1,0 +1,170 @@
+"""``wantrain`` command line. User mistakes print one ``error: ...`` line each
+and exit 2; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from .errors import WantrainError
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="path to a TOML profile")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile value (TOML syntax), e.g. --set training.steps=200; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wantrain", description="LoRA trainer for Wan 2.2 T2V A14B")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train a LoRA pair from a profile")
+    _profile_args(p)
+    p = sub.add_parser("check", help="validate a profile, resolve plugins, check paths (loads no weights)")
+    _profile_args(p)
+    p = sub.add_parser("plugins", help="list plugins and the events each implements")
+    p.add_argument("profile", nargs="?", help="only the plugins this profile enables")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Wan-2.2-shaped model (Diffusers layout)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make-demo-data", help="write a few short H.264 clips and PNGs with captions")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("dataset", help="inspect the datasets of a profile: items, buckets, frames, warnings")
+    _profile_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("diffusers", "transformers", "peft", "urllib3", "huggingface_hub", "PIL", "libav", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|peft|torch)")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def cmd_run(args) -> int:
+    from .loop import train
+    from .profile import load_profile
+
+    profile = load_profile(args.profile, args.overrides)
+    train(profile)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .loop import check
+    from .profile import load_profile
+
+    profile = load_profile(args.profile, args.overrides)
+    problems = check(profile)
+    if problems:
+        raise WantrainError(problems)
+    print(f"ok: {args.profile} ({len(profile.datasets)} dataset(s), plugins: {', '.join(profile.plugins.enabled) or 'none'})")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from . import registry
+    from .context import CoreHooks
+    from .profile import load_profile
+
+    if args.profile:
+        profile = load_profile(args.profile, args.overrides)
+        pm = registry.make_plugin_manager(profile, core=CoreHooks())
+        names = ["wantrain.core", *profile.plugins.enabled]
+    else:
+        import pluggy
+
+        from . import PROJECT, hookspecs
+
+        pm = pluggy.PluginManager(PROJECT)
+        pm.add_hookspecs(hookspecs)
+        pm.register(CoreHooks(), name="wantrain.core")
+        names = ["wantrain.core"]
+        for name in registry.builtin_names() + registry.entry_point_names():
+            module = registry.resolve(name)
+            cfg_cls = registry.config_class(module)
+            pm.register(registry.instantiate(name, cfg_cls() if cfg_cls and _defaults_ok(cfg_cls) else None), name=name)
+            names.append(name)
+    for name in names:
+        plugin = pm.get_plugin(name)
+        events = registry.implemented_events(pm, plugin)
+        print(f"{name}: {', '.join(events) or '(no events)'}")
+    return 0
+
+
+def _defaults_ok(cls) -> bool:
+    import attrs
+
+    return all(f.default is not attrs.NOTHING for f in attrs.fields(cls))
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .tiny import make_tiny_model
+
+    path = make_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote tiny Wan 2.2 model to {path}")
+    return 0
+
+
+def cmd_make_demo_data(args) -> int:
+    from .media import write_demo_data
+
+    files = write_demo_data(args.dir, seed=args.seed)
+    print(f"wrote {len(files)} demo media files to {args.dir}")
+    return 0
+
+
+def cmd_dataset(args) -> int:
+    from .data import dataset_command
+
+    return dataset_command(args.profile, args.overrides, args.json)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "plugins": cmd_plugins,
+    "make-tiny-model": cmd_make_tiny_model,
+    "make-demo-data": cmd_make_demo_data,
+    "dataset": cmd_dataset,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except WantrainError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Flow-matching math (rectified flow, as Wan 2.2 was trained).
+
+t lives in [0, 1000]; sigma = t / 1000 is the noise level.
+
+    x_t    = (1 - sigma) * x0 + sigma * noise
+    target = noise - x0                    (the velocity the model predicts)
+    model timestep input = t = sigma * 1000
+
+Routing: t >= boundary * 1000 -> high-noise expert, else low-noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+T_MAX = 1000.0
+
+
+def expert_range(expert: str, boundary: float) -> tuple[float, float]:
+    """[lo, hi) in t space for ``expert`` (high noise includes 1000)."""
+    cut = boundary * T_MAX
+    return (cut, T_MAX) if expert == "high_noise" else (0.0, cut)
+
+
+def expert_for(t: float, boundary: float) -> str:
+    return "high_noise" if t >= boundary * T_MAX else "low_noise"
+
+
+def uniform_timesteps(expert: str, boundary: float, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    lo, hi = expert_range(expert, boundary)
+    return lo + (hi - lo) * torch.rand(batch_size, generator=generator)
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """sigma' = s*sigma / (1 + (s-1)*sigma) (the scheduler's time shift)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    sigma = (t / T_MAX).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Loss in fp32, mean over every element."""
+    pred, target = pred.float(), target.float()
+    if kind == "huber":
+        return torch.nn.functional.huber_loss(pred, target, delta=1.0)
+    return torch.nn.functional.mse_loss(pred, target)

@@ -1,0 +1,325 @@
+"""Every event the kernel emits, grouped by phase.
+
+Each spec says when it fires relative to the kernel's own actions, what each
+argument is, and its return contract:
+
+- *notify*: return values are ignored;
+- *first result*: the first non-None answer wins (``firstresult=True``); when
+  no plugin answers, the kernel's fallback (named in the docstring) runs;
+- *collected*: every plugin's answer is gathered into a list.
+
+Hook implementations take only the arguments they need and are always
+called by keyword. ``docs/hooks.md`` shows the firing order in a pseudocode
+of the loop; ``tests/kernel/test_hookspecs.py`` fails when a spec here is not
+documented there or has no test naming it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from . import hookspec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .context import Run, StepContext
+    from .data import Batch
+    from .errors import ProfileProblem
+    from .profile import Profile
+
+
+# ---------------------------------------------------------------- setup
+
+
+@hookspec
+def check_profile(profile: "Profile") -> "Iterable[ProfileProblem] | None":
+    """Validate cross-section rules before anything heavy happens.
+
+    Fires: in ``wantrain check`` and at the start of ``wantrain run``, after
+    the profile is structured and every plugin is registered, before any
+    weight loads.
+
+    :param profile: the validated, frozen profile.
+    :return: *collected* -- an iterable of :class:`~wantrain.errors.ProfileProblem`
+        (or None). All problems from all plugins are reported together and the
+        run stops with exit code 2.
+    """
+
+
+@hookspec
+def on_run_start(run: "Run") -> None:
+    """The run is about to enter the loop.
+
+    Fires: once, after models are loaded, adapters attached, the optimizer
+    built and any resume state restored; before the first step.
+    ``run.step`` is the step the loop starts from (0, or the resumed step).
+
+    :return: *notify*.
+    """
+
+
+# ---------------------------------------------------------------- model
+
+
+@hookspec(firstresult=True)
+def trained_experts(profile: "Profile") -> "list[str] | None":
+    """Which experts get LoRA adapters and optimizer state.
+
+    Fires: before any weight loads.
+
+    :return: *first result* -- a list drawn from ``"high_noise"``,
+        ``"low_noise"``. Kernel fallback: both.
+    """
+
+
+@hookspec(firstresult=True)
+def load_expert(run: "Run", expert: str, subfolder: str) -> "torch.nn.Module | None":
+    """Load one transformer expert (``subfolder`` is ``transformer`` for the
+    high-noise expert, ``transformer_2`` for the low-noise one).
+
+    Fires: once per expert that is needed (trained, or asked for by a plugin
+    through ``run.require_expert``), before ``after_expert_load``.
+
+    :return: *first result* -- the loaded module, or None to let the kernel
+        load it with ``WanTransformer3DModel.from_pretrained`` (meta-device
+        init, weights streamed in; no second copy).
+    """
+
+
+@hookspec
+def after_expert_load(run: "Run", expert: str, module: "torch.nn.Module") -> None:
+    """An expert's base weights are loaded (frozen), before adapters attach.
+
+    Fires: once per loaded expert, right after ``load_expert``. Implementations
+    may change the module in place (quantize, add frozen recovery adapters).
+
+    :return: *notify*.
+    """
+
+
+@hookspec
+def after_text_encoder_load(run: "Run", module: "torch.nn.Module") -> None:
+    """The UMT5 text encoder is loaded (frozen, eval mode).
+
+    Fires: once, after the encoder is built and before any prompt is encoded.
+    May change the module in place (quantize it).
+
+    :return: *notify*.
+    """
+
+
+@hookspec
+def after_adapters_attached(run: "Run") -> None:
+    """LoRA adapters are attached to every trained expert; ``run.lora_parameters``
+    lists the trainable parameters. Fires before the optimizer is built.
+
+    :return: *notify*.
+    """
+
+
+# ---------------------------------------------------------------- data
+
+
+@hookspec(firstresult=True)
+def encode_prompts(run: "Run", prompts: list[str]) -> "torch.Tensor | None":
+    """Turn captions into text-encoder states ``[B, max_sequence_length, text_dim]``
+    (padding zeroed, exactly as ``WanPipeline`` does).
+
+    Fires: once per micro-batch (training) and per prompt set (previews).
+
+    :return: *first result* -- the states, or None. Kernel fallback: run the
+        text encoder now.
+    """
+
+
+@hookspec(firstresult=True)
+def encode_videos(run: "Run", batch: "Batch") -> "torch.Tensor | None":
+    """Turn a batch of pixels into normalised VAE latents ``[B, 16, F', H/8, W/8]``.
+
+    Fires: once per micro-batch.
+
+    :return: *first result* -- the latents, or None. Kernel fallback: encode
+        with the VAE now (``wantrain.model.encode_pixels``).
+    """
+
+
+# ---------------------------------------------------------------- step
+
+
+@hookspec(firstresult=True)
+def select_expert(run: "Run", step: int) -> "str | None":
+    """Which expert trains at ``step`` (0-based optimizer step).
+
+    Fires: at the start of every optimizer step, before the first micro-batch.
+
+    :return: *first result* -- ``"high_noise"`` or ``"low_noise"``. Kernel
+        fallback: alternate between the trained experts each step.
+    """
+
+
+@hookspec
+def before_expert_switch(run: "Run", old: "str | None", new: str) -> None:
+    """The active expert is about to change from ``old`` (None at the first
+    step) to ``new``. Fires before any micro-batch of the new expert.
+
+    :return: *notify*.
+    """
+
+
+@hookspec
+def after_expert_switch(run: "Run", old: "str | None", new: str) -> None:
+    """``new`` is now ``run.active_expert``. Fires right after the switch.
+
+    :return: *notify*.
+    """
+
+
+@hookspec(firstresult=True)
+def sample_timesteps(run: "Run", expert: str, batch_size: int, generator: "torch.Generator") -> "torch.Tensor | None":
+    """Draw training timesteps ``t`` in [0, 1000] for ``expert``.
+
+    Fires: once per micro-batch. Draw from ``generator`` only (it is part of
+    the resume state). The result must lie in the expert's range
+    (``run.expert_range(expert)``: high noise [boundary*1000, 1000], low
+    noise [0, boundary*1000)).
+
+    :return: *first result* -- float tensor ``[batch_size]``. Kernel fallback:
+        uniform within the expert's range.
+    """
+
+
+@hookspec(firstresult=True)
+def compute_target(run: "Run", batch: "Batch", pred: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor | None":
+    """Replace the flow-matching target (``noise - x0``) before the loss.
+
+    Fires: once per micro-batch, after the forward pass.
+
+    :return: *first result* -- the new target, or None to keep it.
+    """
+
+
+@hookspec
+def compute_extra_losses(run: "Run", batch: "Batch", ctx: "StepContext") -> "Mapping[str, torch.Tensor] | None":
+    """Extra loss terms added to the main loss.
+
+    Fires: once per micro-batch, after the main loss is computed and before
+    backward. ``ctx`` has ``expert``, ``latents``, ``noise``, ``noisy``,
+    ``timesteps``, ``text_states``, ``pred`` and ``loss``.
+
+    :return: *collected* -- mappings ``{name: scalar tensor}``; every value is
+        added to the loss and logged under its name.
+    """
+
+
+@hookspec
+def before_optimizer_step(run: "Run") -> None:
+    """Gradients of the step are accumulated and clipped; the optimizer is
+    about to step. ``run.grad_norm`` holds the norm before clipping.
+
+    :return: *notify*.
+    """
+
+
+@hookspec
+def after_optimizer_step(run: "Run") -> None:
+    """The optimizer and LR scheduler have stepped; gradients are zeroed.
+
+    :return: *notify*.
+    """
+
+
+@hookspec
+def on_step(run: "Run", step: int, metrics: "dict[str, Any]") -> None:
+    """A step is complete. ``step`` counts completed optimizer steps (1-based,
+    equal to ``run.step``); ``metrics`` has ``loss``, ``loss/<expert>``,
+    ``lr``, ``grad_norm``, ``expert``, ``step_time``, ``samples_per_second``,
+    ``peak_memory_gb`` and any extra-loss names.
+
+    Fires: after ``after_optimizer_step``, once per optimizer step. Saving and
+    previews are triggered from here.
+
+    :return: *notify*.
+    """
+
+
+# ---------------------------------------------------------------- save / resume
+
+
+@hookspec(firstresult=True)
+def write_lora(run: "Run", step: "int | None", folder: str) -> "dict[str, str] | None":
+    """Write the LoRA pair for ``step`` (None = the final files) into ``folder``.
+
+    Fires: from ``run.save_lora`` -- by the kernel at the end of the run, and by
+    plugins (checkpoints). Wrap it (``hookimpl(wrapper=True)``) to change which
+    weights are written, e.g. EMA.
+
+    :return: *first result* -- ``{expert: path}``. The kernel's own
+        implementation (``trylast``) writes the ComfyUI-layout files.
+    """
+
+
+@hookspec
+def on_save(run: "Run", step: int, paths: "dict[str, str]") -> None:
+    """A save is fully on disk (renamed into place). ``paths`` maps each expert
+    (and ``"state"`` when resume state was written) to its path.
+
+    :return: *notify*.
+    """
+
+
+@hookspec
+def state_dict(run: "Run") -> "Mapping[str, Any] | None":
+    """Plugin state for the resume checkpoint.
+
+    Fires: when a checkpoint with resume state is written.
+
+    :return: *collected* -- ``{plugin_name: state}`` (tensors and
+        JSON-serialisable values).
+    """
+
+
+@hookspec
+def load_state_dict(run: "Run", state: "Mapping[str, Any]") -> None:
+    """Restore plugin state on resume. ``state`` maps plugin names to what
+    their ``state_dict`` returned; take your own entry.
+
+    Fires: after adapters and the optimizer exist, before ``on_run_start``.
+
+    :return: *notify*.
+    """
+
+
+# ---------------------------------------------------------------- sample
+
+
+@hookspec(firstresult=True)
+def generate_samples(run: "Run", step: int) -> "list[str] | None":
+    """Render preview videos for ``step``. Wrap it to change the weights used
+    (EMA) or the device placement (offload) around rendering.
+
+    Fires: when a plugin asks for previews (``run.generate_samples(step)``).
+
+    :return: *first result* -- the written file paths.
+    """
+
+
+# ---------------------------------------------------------------- end
+
+
+@hookspec
+def on_run_end(run: "Run") -> None:
+    """The loop finished (or stopped gracefully) and the final files are written.
+
+    :return: *notify*.
+    """
+
+
+@hookspec
+def on_exception(run: "Run", exc: BaseException) -> None:
+    """The loop raised ``exc``. Fires before the exception propagates; flush
+    logs here. Do not raise.
+
+    :return: *notify*.
+    """
+

@@ -1,0 +1,184 @@
+"""The training loop. Reads top to bottom: load -> attach -> for each step:
+pick expert -> batch -> timesteps -> forward -> losses -> backward ->
+optimizer -> events. Optional behaviour is only ever a ``pm.hook.<event>``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from . import flow, lora, model, registry
+from .context import CoreHooks, Run, StepContext, load_expert_into, peak_memory_gb
+from .errors import ProfileError, ProfileProblem
+from .optim import build_optimizer, build_scheduler
+from .profile import Profile
+
+log = logging.getLogger("wantrain")
+
+
+def setup(profile: Profile) -> Run:
+    """Plugins registered and checked, profile cross-checked, output folder
+    made -- everything before the first weight loads."""
+    pm = registry.make_plugin_manager(profile, core=CoreHooks())
+    problems = [p for found in pm.hook.check_profile(profile=profile) for p in (found or [])]
+    if problems:
+        raise ProfileError(problems)
+    device = model.resolve_device(profile.job.device)
+    output_dir = Path(profile.job.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "profile.toml").write_text(profile.to_toml(), encoding="utf-8")
+    torch.manual_seed(profile.job.seed)
+    generator = torch.Generator("cpu").manual_seed(profile.job.seed)
+    return Run(
+        profile=profile, pm=pm, output_dir=output_dir, device=device,
+        dtype=model.DTYPES[profile.model.dtype], generator=generator,
+    )
+
+
+def load(run: Run) -> None:
+    """Data scanned (errors before any weight), then text encoder, VAE, and
+    the trained experts with their LoRA adapters, optimizer and schedule."""
+    from .data import build_train_data
+
+    p = run.profile
+    run.data = build_train_data(p, seed=p.job.seed)
+    for line in run.data.report.lines():
+        log.info(line)
+    run.trained = list(run.pm.hook.trained_experts(profile=p))
+    run.source, index = model.load_model_index(p.model.name_or_path)
+    run.boundary = model.boundary_ratio(index)
+    run.tokenizer, run.text_encoder = model.load_text_encoder(run.source, run.dtype)
+    run.text_encoder.to(run.device)
+    run.pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)
+    run.vae = model.load_vae(run.source).to(run.device)
+    for i, expert in enumerate(run.trained):
+        module = load_expert_into(run, expert)
+        if p.model.gradient_checkpointing:
+            module.enable_gradient_checkpointing()
+        params = lora.attach_lora(module, p.target.rank, p.target.alpha, p.target.modules, seed=p.job.seed + i)
+        run.lora_parameters[expert] = params
+        module.train()
+    run.pm.hook.after_adapters_attached(run=run)
+    t = p.training
+    params = [q for expert in run.trained for q in run.lora_parameters[expert]]
+    run.optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
+    run.lr_scheduler = build_scheduler(t.lr_scheduler, run.optimizer, t.warmup_steps, t.steps)
+
+
+def train(profile: Profile) -> Run:
+    """Run a whole training job; the final LoRA pair is always written."""
+    run = setup(profile)
+    try:
+        load(run)
+        run.pm.hook.on_run_start(run=run)
+        log.info("training %s for %d steps on %s (experts: %s)", run.name, profile.training.steps, run.device, ", ".join(run.trained))
+        history: deque[float] = deque(maxlen=50)
+        first = []
+        log_every = max(1, profile.training.steps // 20)
+        while run.step < profile.training.steps and not run.stop_requested:
+            metrics = train_step(run)
+            history.append(metrics["loss"])
+            if len(first) < 50:
+                first.append(metrics["loss"])
+            if run.step % log_every == 0 or run.step == profile.training.steps:
+                log.info("step %d/%d  loss %.4f (avg of last %d)  %s", run.step, profile.training.steps,
+                         sum(history) / len(history), len(history), metrics["expert"])
+        paths = run.save_lora(None)
+        if first:
+            log.info("loss: first %d steps avg %.4f -> last %d steps avg %.4f",
+                     len(first), sum(first) / len(first), len(history), sum(history) / len(history))
+        log.info("wrote %s", ", ".join(paths.values()))
+        run.pm.hook.on_run_end(run=run)
+    except BaseException as exc:
+        run.pm.hook.on_exception(run=run, exc=exc)
+        raise
+    finally:
+        if run.data is not None:
+            run.data.close()
+    return run
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step: gradient accumulation over micro-batches, clipping,
+    the optimizer and schedule, then ``on_step``."""
+    t0 = time.perf_counter()
+    hook, tcfg = run.pm.hook, run.profile.training
+    expert = hook.select_expert(run=run, step=run.step)
+    if expert != run.active_expert:
+        hook.before_expert_switch(run=run, old=run.active_expert, new=expert)
+        old, run.active_expert = run.active_expert, expert
+        hook.after_expert_switch(run=run, old=old, new=expert)
+    sums: dict[str, float] = {}
+    for _ in range(tcfg.gradient_accumulation):
+        batch = run.data.next_batch(tcfg.batch_size)
+        for key, value in micro_step(run, expert, batch).items():
+            sums[key] = sums.get(key, 0.0) + value / tcfg.gradient_accumulation
+    params = run.lora_parameters[expert]
+    max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
+    run.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    hook.before_optimizer_step(run=run)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    hook.after_optimizer_step(run=run)
+    run.step += 1
+    seconds = time.perf_counter() - t0
+    metrics = {
+        **sums,
+        f"loss/{expert}": sums["loss"],
+        "lr": run.lr_scheduler.get_last_lr()[0],
+        "grad_norm": run.grad_norm,
+        "expert": expert,
+        "step_time": seconds,
+        "samples_per_second": tcfg.batch_size * tcfg.gradient_accumulation / seconds,
+        "peak_memory_gb": peak_memory_gb(run.device),
+    }
+    run.last_metrics = metrics
+    hook.on_step(run=run, step=run.step, metrics=metrics)
+    return metrics
+
+
+def micro_step(run: Run, expert: str, batch) -> dict[str, float]:
+    """Forward + losses + backward for one micro-batch; returns detached losses."""
+    hook = run.pm.hook
+    latents = run.encode_videos(batch).to(run.device, torch.float32)
+    text_states = run.encode_prompts(batch.captions)
+    timesteps = hook.sample_timesteps(run=run, expert=expert, batch_size=latents.shape[0], generator=run.generator)
+    noise = torch.randn(latents.shape, generator=run.generator).to(run.device)
+    timesteps = timesteps.to(run.device)
+    noisy = flow.add_noise(latents, noise, timesteps)
+    pred = run.predict(expert, noisy, timesteps, text_states)
+    target = flow.velocity_target(latents, noise)
+    new_target = hook.compute_target(run=run, batch=batch, pred=pred, target=target)
+    if new_target is not None:
+        target = new_target
+    main = flow.flow_loss(pred, target, run.profile.training.loss)
+    ctx = StepContext(expert=expert, latents=latents, noise=noise, noisy=noisy, timesteps=timesteps,
+                      text_states=text_states, pred=pred, target=target, loss=main)
+    extras = {k: v for found in hook.compute_extra_losses(run=run, batch=batch, ctx=ctx) for k, v in (found or {}).items()}
+    total = main + sum(extras.values()) if extras else main
+    (total / run.profile.training.gradient_accumulation).backward()
+    out = {"loss": float(total.detach()), "loss/main": float(main.detach())}
+    out.update({f"loss/{k}": float(v.detach()) for k, v in extras.items()})
+    return out
+
+
+def check(profile: Profile) -> list[ProfileProblem]:
+    """``wantrain check``: plugins, cross-checks, dataset folders, model path;
+    loads no weights."""
+    from .data import build_train_data
+    from .errors import WantrainError
+
+    problems: list[ProfileProblem] = []
+    pm = registry.make_plugin_manager(profile, core=CoreHooks())
+    problems += [p for found in pm.hook.check_profile(profile=profile) for p in (found or [])]
+    problems += model.check_model_source(profile.model.name_or_path)
+    try:
+        build_train_data(profile, seed=profile.job.seed).close()
+    except WantrainError as exc:
+        problems += exc.problems
+    return problems
