@@ -144,6 +144,20 @@ def encode_videos(run: "Run", batch: "Batch") -> "torch.Tensor | None":
     """
 
 
+@hookspec
+def caption_variants(run: "Run", template: str) -> "Iterable[str] | None":
+    """Other prompts a plugin will derive from a dataset caption and pass to
+    ``run.encode_prompts`` later (DOP: the caption with the trigger replaced
+    by the class), so that a prompt cache can encode them up front.
+
+    Fires: when a plugin prepares every caption in advance (``text_cache`` at
+    ``on_run_start``), once per distinct caption template. ``template`` is the
+    caption before trigger substitution (``"[trigger]"`` in it).
+
+    :return: *collected* -- the variant prompts (final text), or None.
+    """
+
+
 # ---------------------------------------------------------------- step
 
 
@@ -217,6 +231,8 @@ def before_optimizer_step(run: "Run") -> None:
     """Gradients of the step are accumulated and clipped; the optimizer is
     about to step. ``run.grad_norm`` holds the norm before clipping.
 
+    Fires: once per optimizer step, after clipping.
+
     :return: *notify*.
     """
 
@@ -224,6 +240,9 @@ def before_optimizer_step(run: "Run") -> None:
 @hookspec
 def after_optimizer_step(run: "Run") -> None:
     """The optimizer and LR scheduler have stepped; gradients are zeroed.
+
+    Fires: once per optimizer step, before ``run.step`` is incremented and
+    before ``on_step``. EMA updates its shadow here.
 
     :return: *notify*.
     """
@@ -263,6 +282,8 @@ def write_lora(run: "Run", step: "int | None", folder: str) -> "dict[str, str] |
 def on_save(run: "Run", step: int, paths: "dict[str, str]") -> None:
     """A save is fully on disk (renamed into place). ``paths`` maps each expert
     (and ``"state"`` when resume state was written) to its path.
+
+    Fires: after every ``write_lora`` (checkpoints and the final pair).
 
     :return: *notify*.
     """
@@ -310,6 +331,8 @@ def generate_samples(run: "Run", step: int) -> "list[str] | None":
 @hookspec
 def on_run_end(run: "Run") -> None:
     """The loop finished (or stopped gracefully) and the final files are written.
+
+    Fires: once, last.
 
     :return: *notify*.
     """

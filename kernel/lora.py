@@ -21,7 +21,6 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 ADAPTER = "default"
 
@@ -177,14 +176,39 @@ def _version() -> str:
     return __version__
 
 
+_DTYPE_NAMES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def serialize(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
+    """safetensors bytes with a canonical header (keys sorted), so the same
+    tensors and metadata always give the same bytes. (The safetensors
+    library writes its metadata from a hash map, in an order that changes
+    between calls.) The result is read by ``safetensors.safe_open``."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
 def write_atomic(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str]) -> Path:
     """Write a safetensors file under a temporary name, fsync it, rename into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(dict(tensors), str(tmp), metadata=dict(meta))
-        with open(tmp, "rb") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(serialize(tensors, meta))
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
