@@ -14,8 +14,10 @@ import torch
 from . import flow, lora, model, registry
 from .context import CoreHooks, Run, StepContext, load_expert_into, peak_memory_gb
 from .errors import ProfileError, ProfileProblem
+from .export import load_init_from
 from .optim import build_optimizer, build_scheduler
 from .profile import Profile
+from .resume import find_checkpoint, restore, save_final, save_on_stop, stop_on_signals
 
 log = logging.getLogger("wantrain")
 
@@ -62,6 +64,7 @@ def load(run: Run) -> None:
         params = lora.attach_lora(module, p.target.rank, p.target.alpha, p.target.modules, seed=p.job.seed + i)
         run.lora_parameters[expert] = params
         module.train()
+    load_init_from(run)  # [target] init_from: start from an existing LoRA
     run.pm.hook.after_adapters_attached(run=run)
     t = p.training
     params = [q for expert in run.trained for q in run.lora_parameters[expert]]
@@ -69,29 +72,20 @@ def load(run: Run) -> None:
     run.lr_scheduler = build_scheduler(t.lr_scheduler, run.optimizer, t.warmup_steps, t.steps)
 
 
-def train(profile: Profile) -> Run:
-    """Run a whole training job; the final LoRA pair is always written."""
+def train(profile: Profile, resume: str = "auto") -> Run:
+    """Run a whole training job and return the Run. ``resume``: ``"auto"``
+    continues from the newest checkpoint in the output folder, ``"never"``
+    refuses to, or a checkpoint folder. Ends with the final LoRA pair -- or,
+    stopped by SIGINT/SIGTERM, with a checkpoint to resume from."""
     run = setup(profile)
     try:
+        checkpoint = find_checkpoint(run, resume)  # profile checked against it before any weight loads
         load(run)
+        restore(run, checkpoint)
         run.pm.hook.on_run_start(run=run)
-        log.info("training %s for %d steps on %s (experts: %s)", run.name, profile.training.steps, run.device, ", ".join(run.trained))
-        history: deque[float] = deque(maxlen=50)
-        first = []
-        log_every = max(1, profile.training.steps // 20)
-        while run.step < profile.training.steps and not run.stop_requested:
-            metrics = train_step(run)
-            history.append(metrics["loss"])
-            if len(first) < 50:
-                first.append(metrics["loss"])
-            if run.step % log_every == 0 or run.step == profile.training.steps:
-                log.info("step %d/%d  loss %.4f (avg of last %d)  %s", run.step, profile.training.steps,
-                         sum(history) / len(history), len(history), metrics["expert"])
-        paths = run.save_lora(None)
-        if first:
-            log.info("loss: first %d steps avg %.4f -> last %d steps avg %.4f",
-                     len(first), sum(first) / len(first), len(history), sum(history) / len(history))
-        log.info("wrote %s", ", ".join(paths.values()))
+        with stop_on_signals(run):
+            fit(run)
+        finish(run)
         run.pm.hook.on_run_end(run=run)
     except BaseException as exc:
         run.pm.hook.on_exception(run=run, exc=exc)
@@ -100,6 +94,39 @@ def train(profile: Profile) -> Run:
         if run.data is not None:
             run.data.close()
     return run
+
+
+def fit(run: Run) -> None:
+    """Steps from ``run.step`` until ``training.steps`` or a graceful stop,
+    with a loss line every 5% of the run."""
+    steps = run.profile.training.steps
+    log.info("training %s for %d steps on %s (experts: %s)%s", run.name, steps, run.device, ", ".join(run.trained),
+             f", from step {run.step}" if run.step else "")
+    history: deque[float] = deque(maxlen=50)
+    first = []
+    log_every = max(1, steps // 20)
+    while run.step < steps and not run.stop_requested:
+        metrics = train_step(run)
+        history.append(metrics["loss"])
+        if len(first) < 50:
+            first.append(metrics["loss"])
+        if run.step % log_every == 0 or run.step == steps:
+            log.info("step %d/%d  loss %.4f (avg of last %d)  %s", run.step, steps,
+                     sum(history) / len(history), len(history), metrics["expert"])
+    if first:
+        log.info("loss: first %d steps avg %.4f -> last %d steps avg %.4f",
+                 len(first), sum(first) / len(first), len(history), sum(history) / len(history))
+
+
+def finish(run: Run) -> None:
+    """The final LoRA pair -- or, after a graceful stop before the last step,
+    a resume checkpoint of the current step instead (final names mean done)."""
+    if run.step < run.profile.training.steps:
+        paths = save_on_stop(run)
+        log.info("stopped at step %d of %d; resume state in %s", run.step, run.profile.training.steps, paths["state"])
+        return
+    paths = save_final(run)
+    log.info("wrote %s", ", ".join(paths.values()))
 
 
 def train_step(run: Run) -> dict:

@@ -172,6 +172,8 @@ class TargetConfig:
     alpha: float = attrs.field(default=16.0, validator=positive)
     modules: tuple[str, ...] = attrs.field(default=LORA_MODULES, validator=non_empty)
     save_dtype: str = attrs.field(default="bf16", validator=one_of("bf16", "fp16", "fp32"))
+    #: start from an existing LoRA file (ours, diffusers/PEFT, kohya/musubi); see docs/checkpoints.md
+    init_from: str | None = None
 
 
 @attrs.frozen(kw_only=True)

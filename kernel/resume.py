@@ -1,0 +1,492 @@
+"""Resume state: capture, write atomically, find, check and restore; graceful stop.
+
+One checkpoint of step ``k`` is (DESIGN §6)::
+
+    <output_dir>/<name>_<k:09d>_high_noise.safetensors   LoRA pair, checkpoint dtype
+    <output_dir>/<name>_<k:09d>_low_noise.safetensors
+    <output_dir>/checkpoints/step_<k:09d>/
+        lora.safetensors      fp32 LoRA weights of every trained expert ("<expert>.<key>")
+        tensors.safetensors   optimizer, RNG and plugin tensors
+        state.json            step, profile snapshot, and the state tree whose
+                              tensors are references into tensors.safetensors
+
+Commit protocol: the LoRA pair is written first (each file under a temporary
+name, fsynced, renamed); then the state folder is filled under a temporary
+name (``.step_<k>.tmp-<pid>``), every file fsynced, and renamed to
+``step_<k>`` -- that rename is the commit point. Resume only ever looks at
+folders named exactly ``step_<9 digits>`` holding a readable ``state.json``,
+so a kill at any instant leaves either the previous checkpoint as the newest
+complete one, or the new one whole.
+
+Nothing is pickled: tensors live in safetensors, everything else in JSON
+(tuples, non-string dict keys and numpy arrays are tagged so they come back
+as they were).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import attrs
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import lora
+from .errors import ProfileProblem, WantrainError
+
+log = logging.getLogger("wantrain")
+
+CHECKPOINTS = "checkpoints"
+STATE_JSON = "state.json"
+LORA_FILE = "lora.safetensors"
+TENSORS_FILE = "tensors.safetensors"
+FORMAT = "wantrain.resume"
+VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{9})$")
+_STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})_(?P<expert>high_noise|low_noise)(?:_[a-z]+)?\.safetensors$")
+
+#: profile keys whose change makes a checkpoint unusable (prefix match)
+BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "model.arch",
+            "model.name_or_path", "training.optimizer", "datasets")
+#: profile keys that do not matter to a resumed run
+IGNORED = ("job.output_dir", "job.device", "target.init_from")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step_{step:09d}"
+
+
+def step_files(output_dir: Path, name: str, step: int) -> list[Path]:
+    """The LoRA files of one save (the pair, and extras such as EMA's ``_raw`` copies)."""
+    return [p for p in Path(output_dir).glob(f"{glob.escape(name)}_{step:09d}_*.safetensors")
+            if (m := _STEP_FILE.match(p.name)) and m["name"] == name]
+
+
+# ---------------------------------------------------------------- the state tree
+
+
+def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """A JSON-able copy of ``obj``; tensors are moved into ``tensors`` and
+    replaced by ``{"__tensor__": key}``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
+        return {"__ndarray__": path, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__dict__": [[encode_tree(k, tensors, f"{path}.k{i}"), encode_tree(v, tensors, f"{path}.{i}")]
+                             for i, (k, v) in enumerate(obj.items())]}
+    raise TypeError(f"cannot store a {type(obj).__name__} in the resume state (at {path or 'the top'}); "
+                    "return tensors, numbers, strings, lists or dicts from state_dict")
+
+
+def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_tree`."""
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+    if "__dtype__" in obj:
+        return getattr(torch, obj["__dtype__"])
+    if "__tuple__" in obj:
+        return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
+    if "__dict__" in obj:
+        return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in obj["__dict__"]}
+    return {k: decode_tree(v, tensors) for k, v in obj.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+# ---------------------------------------------------------------- profile snapshot
+
+
+def profile_snapshot(profile) -> dict[str, Any]:
+    """The effective profile (defaults filled in) as ``{"dotted.key": value}``."""
+    data: dict[str, Any] = {n: attrs.asdict(getattr(profile, n)) for n in ("job", "model", "target", "training")}
+    data["datasets"] = [attrs.asdict(d) for d in profile.datasets]
+    plugins: dict[str, Any] = {"enabled": list(profile.plugins.enabled)}
+    for name, cfg in profile.plugins.configs.items():
+        plugins[name] = attrs.asdict(cfg) if attrs.has(type(cfg)) else cfg
+    data["plugins"] = plugins
+    return _flatten(data, "")
+
+
+def _flatten(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{where}.{k}" if where else str(k)))
+        return out
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        out = {f"{where}.count": len(value)}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{where}[{i}]"))
+        return out
+    return {where: list(value) if isinstance(value, tuple) else value}
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith((p + ".", p + "[")) for p in prefixes)
+
+
+def compare_profiles(old: dict[str, Any], new: dict[str, Any], where: str) -> tuple[list[ProfileProblem], list[str]]:
+    """Problems (keys that break resume) and warnings (safe changes)."""
+    problems, warnings = [], []
+    missing = object()
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a == b or _matches(key, IGNORED):
+            continue
+        was = "unset" if a is missing else json.dumps(a)
+        if _matches(key, BREAKING):
+            problems.append(ProfileProblem(
+                key, f"differs from the checkpoint being resumed ({where} has {was})",
+                None if b is missing else b,
+                "set it back to resume, or start a new run in another job.output_dir"))
+        else:
+            now = "unset" if b is missing else json.dumps(b)
+            warnings.append(f"{key} changed since {where} (was {was}, now {now}); continuing with the new value")
+    return problems, warnings
+
+
+# ---------------------------------------------------------------- finding a checkpoint
+
+
+@attrs.frozen
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict  # the parsed state.json
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (committed folders with a state.json), oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and entry.is_dir() and (entry / STATE_JSON).is_file():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Parse a checkpoint folder's state.json; WantrainError when it is not one."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WantrainError(ProfileProblem(
+            "--resume", "is not a checkpoint folder (no state.json)", str(path),
+            "give a <output_dir>/checkpoints/step_<N> folder; to start from a LoRA file use [target] init_from")) from None
+    except (OSError, ValueError) as exc:
+        raise WantrainError(ProfileProblem("--resume", f"unreadable checkpoint ({exc})", str(path))) from None
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise WantrainError(ProfileProblem("--resume", "not a wantrain resume state of a known version", str(path)))
+    return Checkpoint(path=path, step=int(state["step"]), state=state)
+
+
+def newest_checkpoint(output_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint that parses (skipping damaged ones with a warning)."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return read_checkpoint(path)
+        except WantrainError as exc:
+            log.warning("skipping damaged checkpoint %s: %s", path, exc)
+    return None
+
+
+def find_checkpoint(run, mode: str = "auto") -> Checkpoint | None:
+    """Which checkpoint this run continues from (``auto`` | ``never`` | a path),
+    checked against the profile before any weight loads."""
+    out = run.output_dir
+    if mode == "never":
+        existing = list_checkpoints(out)
+        if existing:
+            raise WantrainError(ProfileProblem(
+                "--resume never", "the output folder holds checkpoints of an earlier run", str(existing[-1][1]),
+                "use --resume auto to continue it, or another job.output_dir (--set job.output_dir=...) to start fresh"))
+        ckpt = None
+    elif mode == "auto":
+        ckpt = newest_checkpoint(out)
+    else:
+        ckpt = read_checkpoint(Path(mode))
+    remove_partial_saves(out, ckpt.step if ckpt else 0, run.name)
+    if ckpt is None:
+        log.info("resume: %s; starting at step 0", "no checkpoint in " + str(out) if mode == "auto" else "--resume never")
+        return None
+    check_compatible(run, ckpt)
+    log.info("resume: continuing from %s (step %d of %d); use --resume never to refuse resuming",
+             ckpt.path, ckpt.step, run.profile.training.steps)
+    return ckpt
+
+
+def check_compatible(run, ckpt: Checkpoint) -> None:
+    where = f"checkpoints/{ckpt.path.name}"
+    problems, warnings = compare_profiles(ckpt.state["profile"], profile_snapshot(run.profile), where)
+    trained = list(run.pm.hook.trained_experts(profile=run.profile))
+    if trained != ckpt.state["experts"]:
+        problems.append(ProfileProblem("trained experts", f"differ from the checkpoint being resumed ({where} trains "
+                                       f"{', '.join(ckpt.state['experts'])})", trained,
+                                       "set the plugin that picks experts back, or use another job.output_dir"))
+    if problems:
+        raise WantrainError(problems)
+    for line in warnings:
+        log.warning("resume: %s", line)
+
+
+def remove_partial_saves(output_dir: Path, resumed_step: int, name: str) -> None:
+    """Leftovers of a save that was killed: temporary files and folders, and
+    step-numbered LoRA files newer than the resume point without a committed
+    state (they are written again when the run reaches that step)."""
+    out = Path(output_dir)
+    committed = {s for s, _ in list_checkpoints(out)}
+    for entry in [*out.glob(".*.tmp-*"), *(out / CHECKPOINTS).glob(".step_*")]:
+        log.info("removing the leftover of an interrupted save: %s", entry)
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    for entry in out.glob(f"{glob.escape(name)}_*.safetensors"):
+        m = _STEP_FILE.match(entry.name)
+        if m and m["name"] == name and int(m["step"]) > resumed_step and int(m["step"]) not in committed:
+            log.info("removing %s (its save did not complete)", entry.name)
+            entry.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- capture and write
+
+
+def capture(run) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state.json document, its tensors, fp32 LoRA weights) of the run now."""
+    plugins: dict[str, Any] = {}
+    for found in run.pm.hook.state_dict(run=run):
+        plugins.update(found or {})
+    tree = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.lr_scheduler.state_dict(),
+        "rng": run.rng_state(),
+        "data": run.data.state_dict(),
+        "plugins": plugins,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": run.step,
+        "name": run.name,
+        "experts": list(run.trained),
+        "profile": profile_snapshot(run.profile),
+        "tree": encode_tree(tree, tensors),
+    }
+    weights = {f"{e}.{k}": v for e in run.trained for k, v in lora.lora_state(run.experts[e]).items()}
+    return doc, _unshare(tensors), weights
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory; copy the few that do."""
+    seen, out = set(), {}
+    for key, t in tensors.items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        out[key] = t.clone() if ptr in seen else t
+        if ptr is not None:
+            seen.add(ptr)
+    return out
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_state(run, step: int) -> Path:
+    """Write ``checkpoints/step_<step>/`` atomically; return its path."""
+    doc, tensors, weights = capture(run)
+    final = checkpoint_dir(run.output_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = {"format": "pt", "wantrain.step": str(step), "wantrain.rank": str(run.profile.target.rank),
+                "wantrain.alpha": f"{run.profile.target.alpha:g}", "wantrain.experts": ",".join(run.trained)}
+        save_file(weights, str(tmp / LORA_FILE), metadata=meta)
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+        (tmp / STATE_JSON).write_text(json.dumps(doc), encoding="utf-8")
+        for f in (LORA_FILE, TENSORS_FILE, STATE_JSON):
+            _fsync(tmp / f)
+        _fsync(tmp)
+        _commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` (replacing an older save of the same step)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_error_code(exc: BaseException) -> int | None:
+    """The errno of a failed write (OSError, or safetensors' "(os error N)")."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    m = re.search(r"os error (\d+)", str(exc))
+    return int(m.group(1)) if m else None
+
+
+def save_checkpoint(run, step: int, dtype: str | None = None) -> dict[str, str]:
+    """The LoRA pair (``dtype``, default ``[target] save_dtype``) and the resume
+    state of ``step``; fires ``on_save`` with ``paths["state"]``. A failed write
+    (disk full) removes what this save wrote and raises WantrainError; earlier
+    checkpoints are untouched."""
+    paths: dict[str, str] = {}
+    try:
+        paths = dict(run.pm.hook.write_lora(run=run, step=step, folder=str(run.output_dir), dtype=dtype) or {})
+        paths["state"] = str(write_state(run, step))
+    except Exception as exc:  # noqa: BLE001 - write failures become one line
+        code = write_error_code(exc)
+        if code is None:
+            raise
+        for path in [*paths.values(), *step_files(run.output_dir, run.name, step)]:
+            Path(path).unlink(missing_ok=True)  # the part of this save that did get written
+        raise _write_failed(run, code, f"the checkpoint of step {step}; nothing of it was kept, "
+                            "earlier checkpoints are intact") from None
+    run.pm.hook.on_save(run=run, step=step, paths=paths)
+    return paths
+
+
+def save_final(run) -> dict[str, str]:
+    """``run.save_lora(None)`` with a full disk reported as one line."""
+    try:
+        return run.save_lora(None)
+    except Exception as exc:  # noqa: BLE001 - write failures become one line
+        code = write_error_code(exc)
+        if code is None:
+            raise
+        raise _write_failed(run, code, "the final LoRA files; the checkpoints are intact") from None
+
+
+def _write_failed(run, code: int, what: str) -> WantrainError:
+    reason = "disk full" if code in (errno.ENOSPC, errno.EDQUOT) else os.strerror(code).lower()
+    return WantrainError(ProfileProblem(
+        "job.output_dir", f"{reason} while writing {what}", str(run.output_dir),
+        "free space (or lower [plugins.checkpoints] keep) and run the same command again to resume"))
+
+
+# ---------------------------------------------------------------- restore
+
+
+def restore(run, ckpt: Checkpoint | None) -> None:
+    """Put the checkpoint's state into the loaded run (after the optimizer
+    exists, before ``on_run_start``). The RNG states are set last."""
+    if ckpt is None:
+        return
+    tensors = load_file(str(ckpt.path / TENSORS_FILE))
+    tree = decode_tree(ckpt.state["tree"], tensors)
+    weights = load_file(str(ckpt.path / LORA_FILE))
+    for expert in run.trained:
+        prefix = f"{expert}."
+        lora.load_lora_state(run.experts[expert], {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(tree["optimizer"])
+    run.lr_scheduler.load_state_dict(tree["scheduler"])
+    _apply_profile_hyperparameters(run, fresh)
+    run.data.load_state_dict(tree["data"])
+    run.step = ckpt.step
+    run.pm.hook.load_state_dict(run=run, state=tree["plugins"])
+    run.set_rng_state(tree["rng"])
+
+
+def _apply_profile_hyperparameters(run, fresh: list[dict]) -> None:
+    """A changed lr or weight decay (safe changes) wins over the checkpoint's."""
+    sched = run.lr_scheduler
+    for i, (group, new) in enumerate(zip(run.optimizer.param_groups, fresh)):
+        changed = new.get("initial_lr") != group.get("initial_lr")
+        for key, value in new.items():
+            if key != "lr":
+                group[key] = value
+        if changed and hasattr(sched, "lr_lambdas"):
+            sched.base_lrs[i] = new["initial_lr"]
+            group["lr"] = new["initial_lr"] * sched.lr_lambdas[i](sched.last_epoch)
+            sched._last_lr[i] = group["lr"]
+
+
+# ---------------------------------------------------------------- graceful stop
+
+
+@contextlib.contextmanager
+def stop_on_signals(run) -> Iterator[None]:
+    """SIGINT / SIGTERM set ``run.stop_requested``: the loop finishes the
+    current step, saves a checkpoint and returns. A second signal aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        log.warning("%s: stopping after the current step (%d done so far), then saving a checkpoint "
+                    "(send it again to abort without saving)", signal.Signals(signum).name, run.step)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def save_on_stop(run) -> dict[str, str]:
+    """After a graceful stop: the checkpoint of ``run.step`` (unless a plugin
+    already wrote it at this step), in ``[target] save_dtype``."""
+    if any(step == run.step for step, _ in list_checkpoints(run.output_dir)):
+        return {"state": str(checkpoint_dir(run.output_dir, run.step))}
+    return save_checkpoint(run, run.step)
+
