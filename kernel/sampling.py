@@ -1,0 +1,337 @@
+"""Preview videos: the denoising loop used by the ``sample`` plugin during
+training and by ``wantrain sample`` after it.
+
+No pipeline object is built: the run's own modules are reused (text
+encoder, VAE, both experts with their LoRA in place), so a preview shows
+exactly the weights being trained.
+
+    text states   run.encode_prompts(prompts), run.encode_prompts([negative])
+    noise         torch.Generator("cpu").manual_seed(seed)  -- never the training RNG
+    schedule      diffusers FlowMatchEulerDiscreteScheduler(shift=shift), `steps` steps
+    each step     expert = high_noise if t >= boundary * 1000 else low_noise
+                  v = uncond + g * (cond - uncond), g = guidance_high / guidance_low
+    decode        wantrain.model.decode_latents(run.vae, latents)
+    write         <folder>/<i>.mp4 (H.264, yuv420p, PyAV) + <folder>/prompts.txt
+
+The render runs in phases -- text encoder, high-noise steps of every prompt,
+low-noise steps of every prompt, VAE -- so each expert is needed once. When
+the run keeps components off the accelerator (an offload plugin parked one on
+the CPU) or a preview needs an expert that is not trained (loaded on demand),
+the components *take turns*: only the current phase's module sits on the
+device, the others wait on the CPU, and every module goes back where it was
+afterwards. On a CPU run nothing moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import attrs
+import numpy as np
+import torch
+
+from . import flow, hookimpl, lora, model
+from .errors import ProfileProblem, WantrainError
+from .profile import _Invalid, _named, frame_count, in_range, non_empty, positive
+
+log = logging.getLogger("wantrain.sample")
+
+TRIGGER = re.compile(r"\[trigger\]", re.IGNORECASE)
+
+
+@_named
+def _side(inst, attr, value):
+    if value < 16 or value % 16:
+        lo = max(16, value // 16 * 16)
+        raise _Invalid("must be a multiple of 16, at least 16 (VAE stride 8 x patch 2)", value, f"use {lo} or {lo + 16}")
+
+
+@attrs.frozen(kw_only=True)
+class SampleSettings:
+    """What a preview render looks like. The ``sample`` plugin's ``Config``
+    extends this with when to render; ``wantrain sample`` uses it alone."""
+
+    prompts: tuple[str, ...] = attrs.field(validator=non_empty)
+    negative_prompt: str = ""
+    num_frames: int = attrs.field(default=33, validator=frame_count)
+    width: int = attrs.field(default=832, validator=_side)
+    height: int = attrs.field(default=480, validator=_side)
+    steps: int = attrs.field(default=40, validator=positive)
+    shift: float = attrs.field(default=12.0, validator=positive)
+    guidance_high: float = attrs.field(default=4.0, validator=in_range(1.0))
+    guidance_low: float = attrs.field(default=3.0, validator=in_range(1.0))
+    seed: int = 42
+    fps: float = attrs.field(default=16.0, validator=positive)
+
+
+def settings_from(config: Any, **changes: Any) -> SampleSettings:
+    """The render settings held by any object with those attributes (the
+    sample plugin's ``Config``), with ``changes`` applied."""
+    values = {f.name: getattr(config, f.name) for f in attrs.fields(SampleSettings) if hasattr(config, f.name)}
+    values.update(changes)
+    return SampleSettings(**values)
+
+
+def with_trigger(prompt: str, trigger_word: str | None) -> str:
+    return TRIGGER.sub(trigger_word or "", prompt)
+
+
+def latent_shape(settings: SampleSettings) -> tuple[int, int, int, int, int]:
+    return (1, 16, (settings.num_frames - 1) // 4 + 1, settings.height // 8, settings.width // 8)
+
+
+def make_scheduler(settings: SampleSettings):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(flow.T_MAX), shift=settings.shift)
+    scheduler.set_timesteps(settings.steps)
+    return scheduler
+
+
+# ---------------------------------------------------------------- state
+
+
+def _components(run) -> dict[str, torch.nn.Module]:
+    found = {"text_encoder": run.text_encoder, "vae": run.vae, **run.experts}
+    return {name: m for name, m in found.items() if isinstance(m, torch.nn.Module)}
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def training_state_preserved(run) -> Iterator[None]:
+    """Whatever happens inside, training resumes as if nothing had: every
+    RNG (the run's generator, torch CPU and CUDA, numpy, python), each
+    submodule's train/eval flag, and grad mode are put back."""
+    rng = run.rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    modes = [(m, m.training) for c in _components(run).values() for m in c.modules()]
+    grad = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        run.set_rng_state(rng)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for module, mode in modes:
+            module.training = mode
+        torch.set_grad_enabled(grad)
+
+
+class Placement:
+    """Which component sits on the device during each phase of a render.
+
+    A plugin that manages where the experts live publishes
+    ``run.extras["offload.activate"](expert)`` (the ``offload`` plugin does);
+    then experts are brought in through it and never moved here, and only
+    the text encoder and the VAE take turns.
+    """
+
+    def __init__(self, run, needed_experts: Sequence[str]):
+        self.run = run
+        self.activate = run.extras.get("offload.activate")
+        self.home = {name: _device_of(m) for name, m in self._movable().items()}
+        parked = any(_device_of(m) != run.device for m in _components(run).values())
+        on_demand = any(e not in run.experts for e in needed_experts)
+        self.turns = run.device.type != "cpu" and (parked or on_demand)
+
+    def _movable(self) -> dict[str, torch.nn.Module]:
+        found = _components(self.run)
+        return {n: m for n, m in found.items() if n not in self.run.experts} if self.activate else found
+
+    def visit(self, name: str) -> None:
+        """Only ``name`` on the device (in turns mode); the rest on the CPU."""
+        if self.activate is not None and name in self.run.experts:
+            self.activate(name)
+        if not self.turns:
+            return
+        cpu = torch.device("cpu")
+        for other, module in self._movable().items():
+            target = self.run.device if other == name else cpu
+            if _device_of(module) != target:
+                module.to(target)
+
+    def restore(self) -> None:
+        """Every module back where it was; experts loaded for previews only
+        wait on the CPU (in turns mode) until the next render."""
+        cpu = torch.device("cpu")
+        for name, module in self._movable().items():
+            home = self.home.get(name, cpu if self.turns else _device_of(module))
+            if _device_of(module) != home:
+                module.to(home)
+
+
+# ---------------------------------------------------------------- render
+
+
+def render(run, settings: SampleSettings, folder: str | Path, *, use_lora: bool = True) -> list[str]:
+    """Render one preview per prompt into ``folder/<i>.mp4``; return the paths.
+
+    ``use_lora=False`` renders the base model (every trained adapter scaled to
+    exactly 0). Training state is preserved (see :func:`training_state_preserved`).
+    """
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = [with_trigger(p, run.profile.job.trigger_word) for p in settings.prompts]
+    scheduler = make_scheduler(settings)
+    routes = [flow.expert_for(float(t), run.boundary) for t in scheduler.timesteps]
+    needed = [e for e in model.EXPERTS if e in routes]
+    placement = Placement(run, needed)
+    with training_state_preserved(run), torch.no_grad():
+        try:
+            placement.visit("text_encoder")
+            cond = run.encode_prompts(prompts)
+            negative = run.encode_prompts([settings.negative_prompt]) if _uses_cfg(settings) else None
+            latents = initial_noise(settings, len(prompts))
+            for expert in needed:
+                placement.visit(expert)  # before loading: an on-demand expert arrives on a free device
+                run.require_expert(expert).eval()
+                placement.visit(expert)  # after: an offload manager brings a loaded expert in
+                steps = [i for i, e in enumerate(routes) if e == expert]
+                with contextlib.nullcontext() if use_lora else run.lora_disabled(expert):
+                    for p in range(len(prompts)):
+                        latents[p] = denoise(run, expert, scheduler, steps, latents[p], cond[p : p + 1], negative, _guidance(settings, expert))
+            placement.visit("vae")
+            paths = [write_preview(run, latents[p], folder / f"{p}.mp4", settings.fps) for p in range(len(prompts))]
+        finally:
+            placement.restore()
+    (folder / "prompts.txt").write_text("".join(f"{p}.mp4\t{text}\n" for p, text in enumerate(prompts)), encoding="utf-8")
+    log.info("wrote %d preview(s) to %s in %.1f s", len(paths), folder, time.perf_counter() - t0)
+    return [str(p) for p in paths]
+
+
+def _uses_cfg(settings: SampleSettings) -> bool:
+    return settings.guidance_high > 1.0 or settings.guidance_low > 1.0
+
+
+def _guidance(settings: SampleSettings, expert: str) -> float:
+    return settings.guidance_high if expert == "high_noise" else settings.guidance_low
+
+
+def initial_noise(settings: SampleSettings, count: int) -> list[torch.Tensor]:
+    """One noise tensor per prompt from a generator of its own, so prompt
+    ``i`` starts from the same noise at every preview step."""
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    return [torch.randn(latent_shape(settings), generator=generator) for _ in range(count)]
+
+
+def denoise(run, expert: str, template, steps: list[int], x: torch.Tensor, cond: torch.Tensor,
+            negative: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """The Euler steps ``steps`` (indices into the schedule) of one prompt with ``expert``."""
+    x = x.to(run.device, torch.float32)
+    sigmas = template.sigmas
+    for i in steps:
+        t = template.timesteps[i].reshape(1)
+        v = run.predict(expert, x, t, cond)
+        if guidance > 1.0 and negative is not None:
+            uncond = run.predict(expert, x, t, negative)
+            v = uncond + guidance * (v - uncond)
+        # FlowMatchEulerDiscreteScheduler.step: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v
+        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * v
+    return x.cpu()
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Decoded pixels ``[1, 3, F, H, W]`` in [-1, 1] -> uint8 ``[F, H, W, 3]``."""
+    frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def write_preview(run, latents: torch.Tensor, path: Path, fps: float) -> Path:
+    from .media import write_video
+
+    return write_video(path, to_uint8(model.decode_latents(run.vae, latents)), fps)
+
+
+# ---------------------------------------------------------------- wantrain sample
+
+
+def lora_paths(prefix: str) -> dict[str, Path]:
+    """``output/demo/demo`` -> the two files ``output/demo/demo_{expert}.safetensors``
+    that exist (a path to either file is accepted as the prefix too)."""
+    prefix = re.sub(r"_(high|low)_noise\.safetensors$", "", prefix)
+    found = {e: Path(f"{prefix}_{e}.safetensors") for e in model.EXPERTS}
+    found = {e: p for e, p in found.items() if p.is_file()}
+    if not found:
+        raise WantrainError(ProfileProblem(
+            "--lora", "no LoRA file found", prefix,
+            f"give the prefix of a pair, e.g. output/demo/demo for output/demo/demo_high_noise.safetensors"))
+    return found
+
+
+def attach_lora_file(module: torch.nn.Module, path: Path) -> None:
+    """Attach a ComfyUI-layout LoRA file to ``module``, honouring its ``.alpha``
+    (scale = alpha / rank, per module)."""
+    tensors, _ = lora.read_lora_file(path)
+    state, alphas = lora.from_comfy(tensors)
+    ranks = {t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1:
+        raise WantrainError(ProfileProblem("--lora", f"{path.name} mixes LoRA ranks", sorted(ranks), "use a file with one rank"))
+    rank = ranks.pop()
+    modules = sorted({re.sub(r"^blocks\.\d+\.", "", k.rsplit(".lora_", 1)[0]) for k in state})
+    lora.attach_lora(module, rank, next(iter(alphas.values()), float(rank)), modules, seed=0)
+    lora.load_lora_state(module, state)
+    for name, layer in lora.lora_layers(module):
+        if name in alphas:
+            layer.scaling[lora.ADAPTER] = alphas[name] / rank
+
+
+class _LoraFiles:
+    """Attaches the files of ``wantrain sample --lora`` as each expert loads."""
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths = paths
+
+    @hookimpl(trylast=True)  # after quantize & co. have changed the base module
+    def after_expert_load(self, run, expert, module):
+        if expert in self.paths:
+            attach_lora_file(module, self.paths[expert])
+        else:
+            log.warning("no %s LoRA file: the %s expert renders as the base model", expert, expert)
+
+
+def load_for_sampling(profile, lora_files: dict[str, Path]):
+    """A run with the profile's plugins, the text encoder and the VAE loaded;
+    experts load on first use, each with its LoRA file attached."""
+    from . import registry
+    from .context import CoreHooks, Run
+
+    pm = registry.make_plugin_manager(profile, core=CoreHooks())
+    pm.register(_LoraFiles(lora_files), name="wantrain.sample_lora")
+    run = Run(
+        profile=profile, pm=pm, output_dir=Path(profile.job.output_dir), device=model.resolve_device(profile.job.device),
+        dtype=model.DTYPES[profile.model.dtype], generator=torch.Generator("cpu").manual_seed(profile.job.seed),
+    )
+    run.source, index = model.load_model_index(profile.model.name_or_path)
+    run.boundary = model.boundary_ratio(index)
+    run.tokenizer, run.text_encoder = model.load_text_encoder(run.source, run.dtype)
+    run.text_encoder.to(run.device)
+    pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)
+    run.vae = model.load_vae(run.source).to(run.device)
+    return run
+
+
+def sample_command(profile, prefix: str, prompts: Sequence[str], out: str | None) -> list[str]:
+    """``wantrain sample``: render a finished (or checkpointed) LoRA pair with
+    the profile's ``[plugins.sample]`` settings (defaults when absent)."""
+    config = profile.plugin_config("sample")
+    if not prompts and not (config and getattr(config, "prompts", None)):
+        raise WantrainError(ProfileProblem("--prompt", "no prompt to render", fix='give --prompt "..." (repeatable)'))
+    try:
+        settings = settings_from(config, **({"prompts": tuple(prompts)} if prompts else {}))
+    except _Invalid as exc:
+        raise WantrainError(ProfileProblem(f"plugins.sample.{exc.field}", str(exc), exc.got, exc.fix)) from None
+    files = lora_paths(prefix)
+    folder = Path(out) if out else Path(prefix).parent / "samples" / Path(prefix).name
+    run = load_for_sampling(profile, files)
+    return render(run, settings, folder)
