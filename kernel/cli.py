@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train a LoRA pair from a profile")
     _profile_args(p)
+    p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto (default): continue from the newest complete checkpoint in the output folder; "
+                        "never: start at step 0 (refused when the folder holds checkpoints); "
+                        "PATH: continue from that checkpoints/step_N folder")
     p = sub.add_parser("check", help="validate a profile, resolve plugins, check paths (loads no weights)")
     _profile_args(p)
     p = sub.add_parser("plugins", help="list plugins and the events each implements")
@@ -37,9 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo-data", help="write a few short H.264 clips and PNGs with captions")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("estimate", help="predict peak GPU memory and host RAM of a profile (model config only, no weights)")
+    _profile_args(p)
+    p.add_argument("--vram-gb", type=float, metavar="N", help="the card's memory in GiB: says whether it fits and what to change")
     p = sub.add_parser("dataset", help="inspect the datasets of a profile: items, buckets, frames, warnings")
     _profile_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p = sub.add_parser("sample", help="render preview videos from a LoRA pair with the profile's [plugins.sample] settings")
+    _profile_args(p)
+    p.add_argument("--lora", required=True, metavar="PREFIX",
+                   help="LoRA pair prefix, e.g. output/demo/demo for output/demo/demo_{high,low}_noise.safetensors")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   help="prompt to render ([trigger] is substituted); repeatable; default: the profile's sample prompts")
+    p.add_argument("-o", "--out", metavar="DIR", help="output folder (default: <prefix folder>/samples/<prefix name>)")
+    p = sub.add_parser("export", help="convert a LoRA file or a checkpoint folder to the ComfyUI or diffusers layout")
+    p.add_argument("source", metavar="FILE_OR_CHECKPOINT", help="a LoRA .safetensors file or a checkpoints/step_N folder")
+    p.add_argument("--format", required=True, choices=("comfyui", "diffusers"))
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (checkpoint folders only)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="tensor dtype (default: the source's; fp32 for checkpoints)")
+    p.add_argument("-o", "--out", required=True, help="output file (folder for a checkpoint: one file per expert)")
+    p = sub.add_parser("lora-info", help="print a LoRA file's layout, expert, modules, rank, alpha and metadata")
+    p.add_argument("file", help="a LoRA .safetensors file (any supported layout) or a checkpoints/step_N folder")
     return parser
 
 
@@ -64,11 +86,31 @@ def setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args) -> int:
+    import shlex
+
     from .loop import train
     from .profile import load_profile
 
     profile = load_profile(args.profile, args.overrides)
-    train(profile)
+    run = train(profile, resume=args.resume)
+    if run.step < profile.training.steps:  # stopped gracefully (SIGINT / SIGTERM)
+        again = ["wantrain", "run", args.profile, *[a for o in args.overrides for a in ("--set", o)]]
+        logging.getLogger("wantrain").info("resume with: %s", shlex.join(again))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    for path in export(args.source, args.format, args.out, ema=args.ema, dtype=args.dtype):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_lora_info(args) -> int:
+    from .export import describe
+
+    print("\n".join(describe(args.file)))
     return 0
 
 
@@ -136,10 +178,29 @@ def cmd_make_demo_data(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .estimate import report
+    from .profile import load_profile
+
+    profile = load_profile(args.profile, args.overrides)
+    print(report(profile, args.vram_gb))
+    return 0
+
+
 def cmd_dataset(args) -> int:
     from .data import dataset_command
 
     return dataset_command(args.profile, args.overrides, args.json)
+
+
+def cmd_sample(args) -> int:
+    from .profile import load_profile
+    from .sampling import sample_command
+
+    profile = load_profile(args.profile, args.overrides)
+    for path in sample_command(profile, args.lora, args.prompts, args.out):
+        print(path)
+    return 0
 
 
 COMMANDS = {
@@ -149,6 +210,10 @@ COMMANDS = {
     "make-tiny-model": cmd_make_tiny_model,
     "make-demo-data": cmd_make_demo_data,
     "dataset": cmd_dataset,
+    "estimate": cmd_estimate,
+    "sample": cmd_sample,
+    "export": cmd_export,
+    "lora-info": cmd_lora_info,
 }
 
 

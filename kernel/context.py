@@ -108,9 +108,10 @@ class Run:
     def encode_videos(self, batch) -> torch.Tensor:
         return self.pm.hook.encode_videos(run=self, batch=batch)
 
-    def save_lora(self, step: int | None, folder: Path | None = None) -> dict[str, str]:
-        """Write the LoRA pair (``step`` None = final names) and fire ``on_save``."""
-        paths = self.pm.hook.write_lora(run=self, step=step, folder=str(folder or self.output_dir))
+    def save_lora(self, step: int | None, folder: Path | None = None, dtype: str | None = None) -> dict[str, str]:
+        """Write the LoRA pair (``step`` None = final names; ``dtype`` None =
+        ``[target] save_dtype``) and fire ``on_save``."""
+        paths = self.pm.hook.write_lora(run=self, step=step, folder=str(folder or self.output_dir), dtype=dtype)
         self.pm.hook.on_save(run=self, step=self.step if step is None else step, paths=paths)
         return paths
 
@@ -181,14 +182,15 @@ class CoreHooks:
         return flow.uniform_timesteps(expert, run.boundary, batch_size, generator)
 
     @hookimpl(trylast=True)
-    def write_lora(self, run, step, folder):
-        return write_lora_pair(run, step, Path(folder))
+    def write_lora(self, run, step, folder, dtype):
+        return write_lora_pair(run, step, Path(folder), dtype)
 
 
-def write_lora_pair(run: Run, step: int | None, folder: Path) -> dict[str, str]:
-    """The ComfyUI-layout files of every trained expert, written atomically."""
+def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None = None) -> dict[str, str]:
+    """The ComfyUI-layout files of every trained expert, written atomically
+    (``dtype``: "bf16" | "fp16" | "fp32"; None = ``[target] save_dtype``)."""
     target = run.profile.target
-    dtype = model.DTYPES[target.save_dtype]
+    dtype = model.DTYPES[dtype or target.save_dtype]
     paths = {}
     for expert in run.trained:
         state = lora.to_comfy(lora.lora_state(run.experts[expert]), target.alpha, dtype)

@@ -266,8 +266,10 @@ def on_step(run: "Run", step: int, metrics: "dict[str, Any]") -> None:
 
 
 @hookspec(firstresult=True)
-def write_lora(run: "Run", step: "int | None", folder: str) -> "dict[str, str] | None":
-    """Write the LoRA pair for ``step`` (None = the final files) into ``folder``.
+def write_lora(run: "Run", step: "int | None", folder: str, dtype: "str | None") -> "dict[str, str] | None":
+    """Write the LoRA pair for ``step`` (None = the final files) into ``folder``
+    in ``dtype`` (``"bf16"`` | ``"fp16"`` | ``"fp32"``; None = ``[target]
+    save_dtype``; checkpoints pass ``[plugins.checkpoints] dtype``).
 
     Fires: from ``run.save_lora`` -- by the kernel at the end of the run, and by
     plugins (checkpoints). Wrap it (``hookimpl(wrapper=True)``) to change which
@@ -330,7 +332,9 @@ def generate_samples(run: "Run", step: int) -> "list[str] | None":
 
 @hookspec
 def on_run_end(run: "Run") -> None:
-    """The loop finished (or stopped gracefully) and the final files are written.
+    """The loop finished and the final files are written -- or it stopped
+    gracefully (``run.stop_requested``, SIGINT/SIGTERM) before the last step
+    and a resume checkpoint of ``run.step`` was written instead.
 
     Fires: once, last.
 
