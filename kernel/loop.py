@@ -97,8 +97,9 @@ def train(profile: Profile, resume: str = "auto") -> Run:
 
 
 def fit(run: Run) -> None:
-    """Steps from ``run.step`` until ``training.steps`` or a graceful stop,
-    with a loss line every 5% of the run."""
+    """Steps from ``run.step`` until ``training.steps`` or a graceful stop.
+    A loss line every 5% of the run goes to the debug log (the ``progress``
+    plugin is the user-facing view); the first/last loss summary to info."""
     steps = run.profile.training.steps
     log.info("training %s for %d steps on %s (experts: %s)%s", run.name, steps, run.device, ", ".join(run.trained),
              f", from step {run.step}" if run.step else "")
@@ -111,7 +112,7 @@ def fit(run: Run) -> None:
         if len(first) < 50:
             first.append(metrics["loss"])
         if run.step % log_every == 0 or run.step == steps:
-            log.info("step %d/%d  loss %.4f (avg of last %d)  %s", run.step, steps,
+            log.debug("step %d/%d  loss %.4f (avg of last %d)  %s", run.step, steps,
                      sum(history) / len(history), len(history), metrics["expert"])
     if first:
         log.info("loss: first %d steps avg %.4f -> last %d steps avg %.4f",
