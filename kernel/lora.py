@@ -99,8 +99,8 @@ def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in lora_layers(module):
         if ADAPTER not in layer.lora_A:
             continue
-        out[f"{name}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu()
-        out[f"{name}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu()
+        out[f"{name}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+        out[f"{name}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
     return out
 
 
