@@ -1,0 +1,256 @@
+"""Cache latents (``[plugins.latent_cache]``): encode each sample once, then
+train without the VAE on the device.
+
+Which datasets: those with ``cache_latents = true`` in their ``[[datasets]]``
+table. Enabling this plugin with no such dataset is a profile error.
+
+What is cached: every sample variant such a dataset can produce
+(``TrainData.iter_items()``): each item x each resolution's bucket x each
+flip that ``flip_x`` / ``flip_y`` allow x, for ``frame_sampling = "fps"``,
+each of the clip's fixed windows. A cached "fps" dataset draws its window
+per epoch from up to 8 windows spread evenly over the clip, half a window
+apart, instead of from any start -- fewer distinct windows, each encoded once.
+
+Where: ``<dataset folder>/.wantrain_cache/latents/`` (``folder`` overrides
+it for every dataset), one ``<key>.safetensors`` per sample variant with the
+tensor ``latents`` ``[16, F', H/8, W/8]`` (normalised, like
+``wantrain.model.encode_pixels`` returns them) and metadata naming the source
+file. ``key`` = sha256 of the VAE's identity (model path, VAE class and
+config) and the data key (the file's content hash, bucket, source frame
+indices -- so num_frames, sampling mode and window -- and flips). Runs with
+other settings add their own entries beside these ones.
+
+Stale entries: an entry whose source file's content has changed since (or
+which cannot be read, or whose metadata does not match its name) is deleted
+and encoded again. Nothing else is deleted.
+
+Events:
+
+- ``check_profile``: at least one dataset must set ``cache_latents``;
+- ``on_run_start``: encode what is missing (a file that fails to decode is
+  excluded from training with one ``skip`` warning), tell the data loader to
+  stop decoding pixels for cached datasets, and -- when every dataset is
+  cached -- move the VAE to the CPU (``run.vae.to("cpu")``; previews then
+  decode on the CPU unless the sample plugin moves it back);
+- ``encode_videos``: the batch's latents from disk (first result wins over the
+  kernel's VAE encode); a batch from a dataset that is not cached gets None so
+  the kernel encodes it.
+
+Config keys: ``folder`` (str, optional), ``dtype`` ("fp32" keeps the exact
+bits the VAE gave; "bf16" halves the disk space).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import attrs
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from wantrain import hookimpl
+from wantrain.errors import ProfileProblem
+from wantrain.media import MediaError
+from wantrain.profile import one_of
+
+log = logging.getLogger("wantrain.latent_cache")
+
+CACHE_DIR = ".wantrain_cache/latents"
+FORMAT = "wantrain-latents-1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    #: one folder for every cached dataset; default "<dataset folder>/.wantrain_cache/latents"
+    folder: str | None = None
+    #: "fp32": the VAE's exact output; "bf16": half the disk space
+    dtype: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16"))
+
+
+# ---------------------------------------------------------------- keys and storage
+
+
+def vae_identity(run) -> str:
+    """Hash of what decides the latents besides the pixels: the model and the VAE."""
+    vae = run.vae
+    config = dict(getattr(vae, "config", {}) or {})
+    for volatile in ("_name_or_path", "_diffusers_version", "_commit_hash"):
+        config.pop(volatile, None)
+    spec = run.profile.model.name_or_path
+    local = Path(spec).expanduser()
+    payload = {"model": str(local.resolve()) if local.exists() else spec, "vae": type(vae).__name__, "config": config}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class LatentStore:
+    """Latents on disk, one safetensors file per (VAE, sample variant)."""
+
+    def __init__(self, folder: Path, identity: str, dtype: torch.dtype = torch.float32):
+        self.folder, self.identity, self.dtype = Path(folder), identity, dtype
+
+    def path(self, data_key: str) -> Path:
+        name = hashlib.sha256(f"{self.identity}:{data_key}".encode()).hexdigest()[:48]
+        return self.folder / f"{name}.safetensors"
+
+    def get(self, data_key: str) -> torch.Tensor | None:
+        """The latents, or None when missing, unreadable or not what the name says
+        (such a file is deleted so that it is encoded again)."""
+        path = self.path(data_key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                latents = fh.get_tensor("latents")
+            if meta.get("format") != FORMAT or meta.get("data_key") != data_key or meta.get("identity") != self.identity:
+                raise ValueError("metadata does not match")
+            return latents.to(torch.float32)
+        except Exception as exc:  # noqa: BLE001 - any damage means: encode again
+            log.warning("latent_cache: stale or damaged entry %s (%s); encoding it again", path.name, exc)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, data_key: str, latents: torch.Tensor, source: str, file_hash: str) -> Path:
+        path = self.path(data_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "data_key": data_key, "identity": self.identity, "source": source, "file_hash": file_hash}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file({"latents": latents.detach().to("cpu", self.dtype).contiguous()}, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def prune_stale(self, current: dict[str, str]) -> int:
+        """Delete damaged entries and entries whose source file (a key of
+        ``current``) now has another content hash (the value). Entries of
+        other files and other settings stay. Returns how many were deleted."""
+        removed = 0
+        for path in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
+            if _stale(path, current):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _stale(path: Path, current: dict[str, str]) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 - damaged
+        return True
+    if meta.get("format") != FORMAT:
+        return False  # not ours: leave it alone
+    source = meta.get("source")
+    return source in current and current[source] != meta.get("file_hash")
+
+
+# ---------------------------------------------------------------- filling the cache
+
+
+@attrs.define
+class FillStats:
+    reused: int = 0
+    encoded: int = 0
+    failed: list[tuple[int, str, str]] = attrs.Factory(list)  # (dataset, path, reason)
+
+
+def fill(stores: dict[int, LatentStore], specs: Iterable, load: Callable, encode: Callable[[torch.Tensor], torch.Tensor],
+         file_hash: Callable[[str], str]) -> FillStats:
+    """Encode every spec whose latents are missing. ``load(spec)`` gives
+    pixels ``[3, F, H, W]`` (MediaError for a bad file); ``encode`` maps
+    pixels ``[1, 3, F, H, W]`` to latents ``[1, 16, F', h, w]``."""
+    stats = FillStats()
+    bad: set[str] = set()
+    for spec in specs:
+        if spec.path in bad:
+            continue
+        store, key = stores[spec.dataset], spec.cache_key()
+        if store.get(key) is not None:
+            stats.reused += 1
+            continue
+        try:
+            pixels = load(spec)
+        except (MediaError, OSError) as exc:
+            bad.add(spec.path)
+            stats.failed.append((spec.dataset, spec.path, str(exc)))
+            continue
+        with torch.no_grad():
+            latents = encode(pixels[None])[0]
+        store.put(key, latents, spec.path, file_hash(spec.path))
+        stats.encoded += 1
+    return stats
+
+
+def cached_datasets(profile) -> list[int]:
+    return [i for i, ds in enumerate(profile.datasets) if ds.cache_latents]
+
+
+def make_stores(config: Config, profile, data, identity: str) -> dict[int, LatentStore]:
+    dtype = DTYPES[config.dtype]
+    stores = {}
+    for ds in data.datasets:
+        if ds.config.cache_latents:
+            folder = Path(config.folder) if config.folder else Path(ds.folder) / CACHE_DIR
+            stores[ds.index] = LatentStore(folder, identity, dtype)
+    return stores
+
+
+# ---------------------------------------------------------------- the plugin
+
+
+class Plugin:
+    def __init__(self, config: Config | None = None):
+        self.config = config or Config()
+        self.stores: dict[int, LatentStore] = {}
+
+    @hookimpl
+    def check_profile(self, profile):
+        if profile.datasets and not cached_datasets(profile):
+            return [ProfileProblem("plugins.latent_cache", "is enabled but no dataset sets cache_latents = true",
+                                   fix="add cache_latents = true to the [[datasets]] to cache, or disable latent_cache")]
+        return []
+
+    @hookimpl
+    def on_run_start(self, run):
+        from wantrain import data as wdata, model
+
+        self.stores = make_stores(self.config, run.profile, run.data, vae_identity(run))
+        current = {item.path: wdata.file_hash(item.path) for ds in run.data.datasets if ds.index in self.stores for item in ds.items}
+        removed = sum(store.prune_stale(current) for store in {id(s): s for s in self.stores.values()}.values())
+        stats = fill(self.stores, run.data.iter_items(), run.data.load, lambda px: model.encode_pixels(run.vae, px), wdata.file_hash)
+        for dataset, path, reason in stats.failed:
+            run.data.exclude(dataset, path, reason)
+        run.data.skip_pixels(list(self.stores))
+        log.info("latent_cache: %d latents reused, %d encoded, %d stale removed, %d files skipped",
+                 stats.reused, stats.encoded, removed, len(stats.failed))
+        if len(self.stores) == len(run.data.datasets) and run.vae is not None:
+            run.vae.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.info("latent_cache: every dataset is cached; the VAE left %s", run.device)
+
+    @hookimpl
+    def encode_videos(self, run, batch):
+        if not self.stores or any(d not in self.stores for d in batch.dataset_index):
+            return None
+        from wantrain import data as wdata, model
+
+        out = []
+        for spec, key in zip(batch.specs, batch.cache_keys):
+            latents = self.stores[spec.dataset].get(key)
+            if latents is None:  # deleted mid-run: encode it now, wherever the VAE is
+                pixels = batch.pixels[len(out)] if batch.pixels is not None else run.data.load(spec)
+                with torch.no_grad():
+                    latents = model.encode_pixels(run.vae, pixels[None])[0].cpu()
+                self.stores[spec.dataset].put(key, latents, spec.path, wdata.file_hash(spec.path))
+            out.append(latents)
+        return torch.stack(out).to(run.device)
