@@ -35,6 +35,8 @@ def test_profile_opens_with_how_to_run_it(path):
 def test_profile_passes_check(path, tiny_model, demo_data, tmp_path):
     raw = load_profile(path)
     overrides = [f'model.name_or_path="{tiny_model}"', f'job.output_dir="{tmp_path}"']
+    if raw.job.trigger_word is None:  # the demo captions use [trigger]
+        overrides.append('job.trigger_word="sks"')
     overrides += [f'datasets[{i}].folder="{demo_data}"' for i in range(len(raw.datasets))]
     profile = load_profile(path, overrides)
     assert check(profile) == []
