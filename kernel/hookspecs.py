@@ -137,6 +137,9 @@ def encode_prompts(run: "Run", prompts: list[str]) -> "torch.Tensor | None":
 def encode_videos(run: "Run", batch: "Batch") -> "torch.Tensor | None":
     """Turn a batch of pixels into normalised VAE latents ``[B, 16, F', H/8, W/8]``.
 
+    ``batch.pixels`` is None for samples the latent cache serves (the loader
+    does not decode them); ``batch.cache_keys`` identify each sample.
+
     Fires: once per micro-batch.
 
     :return: *first result* -- the latents, or None. Kernel fallback: encode

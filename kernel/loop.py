@@ -47,7 +47,7 @@ def load(run: Run) -> None:
     from .data import build_train_data
 
     p = run.profile
-    run.data = build_train_data(p, seed=p.job.seed)
+    run.data = build_train_data(p, seed=p.job.seed, num_workers=p.training.num_workers)
     for line in run.data.report.lines():
         log.info(line)
     run.trained = list(run.pm.hook.trained_experts(profile=p))

@@ -188,6 +188,7 @@ class TrainingConfig:
     weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
     max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)  # 0 = no clipping
     loss: str = attrs.field(default="mse", validator=one_of("mse", "huber"))
+    num_workers: int = attrs.field(default=2, validator=non_negative)  # decoding processes; 0 = in the loop
 
 
 @attrs.frozen(kw_only=True)

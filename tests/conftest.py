@@ -39,7 +39,7 @@ BASE_PROFILE = {
     "job": {"name": "t", "device": "cpu", "trigger_word": "sks", "seed": 7},
     "model": {"dtype": "fp32", "gradient_checkpointing": False, "max_sequence_length": 32},
     "target": {"rank": 4, "alpha": 8, "save_dtype": "fp32"},
-    "training": {"steps": 4, "lr": 1e-3, "optimizer": "adamw", "lr_scheduler": "constant"},
+    "training": {"steps": 4, "lr": 1e-3, "optimizer": "adamw", "lr_scheduler": "constant", "num_workers": 0},
     "datasets": [{"resolutions": [32], "num_frames": 5, "default_caption": "a [trigger] clip"}],
     "plugins": {"enabled": []},
 }
