@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from wantrain import flow, hookimpl, lora
+from wantrain import hookimpl
 from wantrain.loop import load, setup, train_step
 from wantrain.profile import load_profile
 from wantrain.tiny import make_tiny_model

@@ -4,7 +4,6 @@ and exit 2; bugs keep their traceback."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

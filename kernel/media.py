@@ -21,7 +21,6 @@ reason shown to the user (``skip <path>: <reason>``).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import struct
 import warnings

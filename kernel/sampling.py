@@ -265,7 +265,7 @@ def lora_paths(prefix: str) -> dict[str, Path]:
     if not found:
         raise WantrainError(ProfileProblem(
             "--lora", "no LoRA file found", prefix,
-            f"give the prefix of a pair, e.g. output/demo/demo for output/demo/demo_high_noise.safetensors"))
+            "give the prefix of a pair, e.g. output/demo/demo for output/demo/demo_high_noise.safetensors"))
     return found
 
 
