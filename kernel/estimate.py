@@ -1,0 +1,393 @@
+"""``wantrain estimate``: peak GPU memory and host RAM of a run, from the
+model's config alone (no weights are read; the transformer is instantiated on
+the ``meta`` device to count its layers).
+
+The model and every assumption are written up in ``docs/memory.md``. In short:
+
+- weights: each transformer linear layer at its quantized size (qint4 = 4 bits
+  + a bf16 scale and shift per group of 128 = 0.53 bytes per weight; qint8 and
+  qfloat8 1 byte + a per-row scale), everything else in the model dtype (fp32
+  for the modules diffusers keeps in fp32);
+- ARA: rank x (in + out) per quantized linear, in the model dtype;
+- LoRA: rank x (in + out) per targeted linear, fp32 weights + fp32 gradients +
+  the optimizer's state (AdamW 8 bytes, 8-bit AdamW 2, Adafactor ~0);
+- activations per video token and block, counted from the operations of
+  diffusers' ``WanTransformerBlock`` and what autograd saves for each (see the
+  docs), with and without gradient checkpointing;
+- phases: start (text encoder loads in the model dtype, then is quantized),
+  caching (text encoder and VAE working), training; the peak is the largest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+from . import quant
+
+GiB = 2**30
+
+#: ``transformer/config.json`` of Wan 2.2 T2V A14B (both experts share it)
+A14B_TRANSFORMER = {
+    "_class_name": "WanTransformer3DModel",
+    "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128,
+    "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
+    "ffn_dim": 13824, "num_layers": 40, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
+    "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+}
+#: UMT5-XXL encoder (``text_encoder/config.json`` of the same model)
+UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240,
+            "num_layers": 24, "relative_attention_num_buckets": 32}
+WAN_VAE_PARAMS = 126_892_531  # AutoencoderKLWan (Wan 2.1 VAE), kept in fp32
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+QUANT_BYTES = {"none": None, "qfloat8": 1.0, "qint8": 1.0, "qint4": 0.5 + 4 / 128, "qint4+ara": 0.5 + 4 / 128}
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0}
+CUDA_OVERHEAD_GIB = 1.5  # CUDA context, cuBLAS workspace, allocator slack
+HOST_BASELINE_GIB = 3.0  # Python, torch, CUDA libraries
+VAE_BYTES_PER_PIXEL = 10_000  # VAE encode working set per pixel of a frame (4-frame chunks)
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything of a profile that changes memory (see :func:`settings_from_profile`)."""
+
+    dtype: str = "bf16"
+    transformer: str = "none"
+    text_encoder: str = "none"
+    exclude: tuple[str, ...] = quant.DEFAULT_EXCLUDE
+    ara_rank: int = 16
+    rank: int = 16
+    modules: tuple[str, ...] = ()
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    frames: int = 33
+    height: int = 512
+    width: int = 512
+    text_tokens: int = 512
+    checkpointing: bool = True
+    offload_experts: bool = False
+    offload_layers: float = 0.0
+    text_cache: bool = False
+    text_unload: bool = False
+    latent_cache: bool = False
+    experts: int = 2
+
+
+def settings_from_profile(profile) -> Settings:
+    """Read the kernel sections and the ``quantize`` / ``offload`` /
+    ``text_cache`` / ``latent_cache`` plugin tables (by name, duck-typed)."""
+    from .profile import LORA_MODULES
+
+    enabled = set(profile.plugins.enabled)
+    q = profile.plugin_config("quantize") if "quantize" in enabled else None
+    o = profile.plugin_config("offload") if "offload" in enabled else None
+    tc = profile.plugin_config("text_cache") if "text_cache" in enabled else None
+    res = max((max(d.resolutions) for d in profile.datasets), default=512)
+    frames = max((d.num_frames for d in profile.datasets), default=33)
+    return Settings(
+        dtype=profile.model.dtype,
+        transformer=getattr(q, "transformer", "none"),
+        text_encoder=getattr(q, "text_encoder", "none"),
+        exclude=tuple(getattr(q, "exclude", quant.DEFAULT_EXCLUDE)),
+        ara_rank=getattr(q, "ara_rank", 16),
+        rank=profile.target.rank,
+        modules=tuple(profile.target.modules or LORA_MODULES),
+        optimizer=profile.training.optimizer,
+        batch_size=profile.training.batch_size,
+        frames=frames, height=res, width=res,
+        text_tokens=profile.model.max_sequence_length,
+        checkpointing=profile.model.gradient_checkpointing,
+        offload_experts=bool(getattr(o, "experts", False)),
+        offload_layers=float(getattr(o, "layers", 0.0)),
+        text_cache=tc is not None,
+        text_unload=bool(getattr(tc, "unload", False)),
+        latent_cache="latent_cache" in enabled,
+    )
+
+
+# ---------------------------------------------------------------- counting
+
+
+@attrs.frozen
+class Counts:
+    """Parameter counts of one expert."""
+
+    dim: int
+    ffn: int
+    blocks: int
+    patch: int
+    quantized: int        # weights of quantized linears
+    quantized_io: int     # sum of (in + out) over quantized linears (ARA size / rank)
+    other: int            # every other parameter, model dtype
+    fp32: int             # parameters diffusers keeps in fp32
+    lora_io: int          # sum of (in + out) over LoRA targets
+    block_fraction: float  # share of the weights inside the blocks
+
+
+def count_transformer(config: Mapping[str, Any], transformer: str, exclude, modules) -> Counts:
+    """Count on the meta device; nothing is allocated."""
+    import torch
+
+    module = quant.build_empty(config)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    quantize = transformer != "none"
+    targets = quant.target_names(modules) if modules else None
+    qn = qio = other = fp32 = lio = in_blocks = 0
+    for name, sub in module.named_modules():
+        for pname, p in sub.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            n = p.numel()
+            in_blocks += n if full.startswith("blocks.") else 0
+            if type(sub) is torch.nn.Linear and pname == "weight" and quantize and not quant.excluded(name, exclude):
+                qn += n
+                qio += sub.in_features + sub.out_features
+            elif any(k in full.split(".") for k in keep):
+                fp32 += n
+            else:
+                other += n
+        if targets is not None and type(sub) is torch.nn.Linear and targets.fullmatch(name):
+            lio += sub.in_features + sub.out_features
+    total = qn + other + fp32
+    cfg = dict(config)
+    return Counts(
+        dim=cfg["num_attention_heads"] * cfg["attention_head_dim"], ffn=cfg["ffn_dim"], blocks=cfg["num_layers"],
+        patch=math.prod(cfg["patch_size"]), quantized=qn, quantized_io=qio, other=other, fp32=fp32,
+        lora_io=lio, block_fraction=in_blocks / total,
+    )
+
+
+def umt5_params(cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(embedding params, linear params) of a UMT5 encoder (gated-GELU FFN)."""
+    d, inner, ff, layers = cfg["d_model"], cfg["d_kv"] * cfg["num_heads"], cfg["d_ff"], cfg["num_layers"]
+    embed = cfg["vocab_size"] * d
+    linear = layers * (4 * d * inner + 3 * d * ff)
+    small = layers * (2 * d + cfg["relative_attention_num_buckets"] * cfg["num_heads"]) + d
+    return embed + small, linear
+
+
+# ---------------------------------------------------------------- activations
+
+
+def block_activation_bytes(s: Settings, dim: int, ffn: int) -> tuple[float, float]:
+    """(bytes per video token, bytes per text token) autograd keeps for one
+    ``WanTransformerBlock`` (see docs/memory.md for the op-by-op count)."""
+    a = DTYPE_BYTES[s.dtype]
+    c = 4 if a != 4 else 0  # fp32 LoRA casts its input to fp32: a copy per targeted layer
+    t = set(s.modules)
+    cast = lambda m, width: c * width if m in t else 0  # noqa: E731
+    self_attn = 4 * dim + a * dim + sum(cast(f"attn1.to_{x}", dim) for x in "qkv") + 2 * (a + 4) * dim \
+        + 4 * a * dim + a * dim + cast("attn1.to_out.0", dim)
+    cross = 4 * dim + a * dim + cast("attn2.to_q", dim) + (a + 4) * dim + 2 * a * dim + a * dim + cast("attn2.to_out.0", dim)
+    ffn_part = 4 * dim + a * dim + cast("ffn.net.0.proj", dim) + 2 * a * ffn + cast("ffn.net.2", ffn)
+    text = a * dim + cast("attn2.to_k", dim) + cast("attn2.to_v", dim) + (a + 4) * dim + 2 * a * dim
+    return self_attn + cross + ffn_part, text
+
+
+def video_tokens(s: Settings, patch: int) -> int:
+    latent_frames = (s.frames - 1) // 4 + 1
+    return s.batch_size * latent_frames * (s.height // 8) * (s.width // 8) // patch
+
+
+def activation_bytes(s: Settings, c: Counts) -> float:
+    a = DTYPE_BYTES[s.dtype]
+    tokens = video_tokens(s, c.patch)
+    text = s.batch_size * s.text_tokens
+    per_token, per_text = block_activation_bytes(s, c.dim, c.ffn)
+    outside = tokens * 8 * c.dim
+    workspace = tokens * (16 * c.dim + 4 * c.ffn)  # gradients of the op being differentiated
+    if s.checkpointing:
+        kept = c.blocks * tokens * a * c.dim  # each block's input
+        return kept + tokens * per_token + text * per_text + outside + workspace
+    return c.blocks * (tokens * per_token + text * per_text) + outside + workspace
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+@attrs.frozen
+class Estimate:
+    rows: list[tuple[str, float, float, str]]  # (item, GPU GiB, host GiB, note)
+    gpu_peak: float
+    host_peak: float
+    phase: str
+    tokens: int
+    vram: float | None
+    suggestions: list[str] = attrs.Factory(list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.vram is None else self.gpu_peak <= self.vram
+
+    def table(self) -> str:
+        lines = [f"{'item':<44} {'GPU GiB':>8} {'host GiB':>9}  note"]
+        for item, gpu, host, note in self.rows:
+            lines.append(f"{item:<44} {gpu:>8.2f} {host:>9.2f}  {note}")
+        lines.append(f"{'peak (' + self.phase + ')':<44} {self.gpu_peak:>8.2f} {self.host_peak:>9.2f}")
+        return "\n".join(lines)
+
+
+def expert_weight_bytes(s: Settings, c: Counts) -> float:
+    a = DTYPE_BYTES[s.dtype]
+    q = QUANT_BYTES[s.transformer]
+    per = (q if q else a) * c.quantized + a * c.other + 4 * c.fp32
+    return per
+
+
+def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Mapping[str, Any] = UMT5_XXL,
+             vae_params: int = WAN_VAE_PARAMS, vram_gb: float | None = None, suggest: bool = True) -> Estimate:
+    c = count_transformer(transformer_config, s.transformer, s.exclude, s.modules)
+    a = DTYPE_BYTES[s.dtype]
+    expert = expert_weight_bytes(s, c)
+    ara = a * s.ara_rank * c.quantized_io if s.transformer.endswith("+ara") else 0.0
+    lora = 4 * s.rank * c.lora_io
+    opt = OPTIMIZER_BYTES[s.optimizer] / 4 * lora
+    embed, linear = umt5_params(text_config)
+    te_full = a * (embed + linear)
+    te_q = a * embed + (QUANT_BYTES[s.text_encoder] or a) * linear
+    vae = 4 * vae_params
+    vae_work = VAE_BYTES_PER_PIXEL * s.height * s.width * s.batch_size
+    acts = activation_bytes(s, c)
+    on_gpu_experts = 1 if s.offload_experts else s.experts
+    streamed = round(s.offload_layers * c.blocks) / c.blocks if c.blocks else 0.0
+    stream_keep = (1 - streamed * c.block_fraction) if streamed else 1.0
+    stream_buffer = (2 / c.blocks) * c.block_fraction * (expert + ara) if streamed else 0.0
+    w_gpu = on_gpu_experts * (expert + ara) * stream_keep + stream_buffer
+    lora_gpu = on_gpu_experts * (lora + opt) + lora  # + gradients of the active expert
+    te_train = 0.0 if s.text_cache else te_q
+    vae_train = 0.0 if s.latent_cache else vae
+    ctx = CUDA_OVERHEAD_GIB * GiB
+    start = te_full + vae + ctx
+    cache_experts = 0.0 if s.offload_experts else s.experts * (expert + ara) * stream_keep
+    caching = (te_q + vae + vae_work + cache_experts + ctx) if (s.text_cache or s.latent_cache) else 0.0
+    train_step = w_gpu + lora_gpu + te_train + vae_train + ctx + max(acts, 0.0 if s.latent_cache else vae_work)
+    phases = {"start": start, "caching": caching, "training": train_step}
+    phase = max(phases, key=phases.get)
+    # host RAM
+    host_experts = (s.experts * (expert + ara)) if s.offload_experts else (s.experts * (expert + ara) * streamed * c.block_fraction)
+    host_lora = (s.experts - 1) * (lora + opt) if s.offload_experts else 0.0
+    host_te = te_q if (s.text_cache and not s.text_unload) else 0.0
+    load_block = (c.block_fraction * (a * (c.quantized + c.other) + 4 * c.fp32)) / c.blocks
+    load_peak = expert + ara + (load_block if s.transformer != "none" else 0.0)
+    host_base = HOST_BASELINE_GIB * GiB
+    host_steady = host_base + host_experts + host_lora + host_te
+    parked_before = (s.experts - 1) * (expert + ara) if s.offload_experts else 0.0  # loaded earlier, parked
+    host_loading = host_base + parked_before + load_peak
+    host_peak = max(host_base + te_full, host_loading, host_steady)
+    G = lambda x: x / GiB  # noqa: E731
+    tokens = video_tokens(s, c.patch)
+    q_note = s.transformer if s.transformer != "none" else s.dtype
+    rows = [
+        (f"transformer weights x{on_gpu_experts} ({q_note})", G(on_gpu_experts * expert * stream_keep),
+         G(s.experts * expert if s.offload_experts else host_experts), f"{G(expert):.2f} GiB per expert"),
+        ("ARA (rank %d)" % s.ara_rank if ara else "ARA", G(on_gpu_experts * ara * stream_keep), 0.0, "" if ara else "none"),
+        ("streamed-block buffers", G(stream_buffer), 0.0, f"{round(streamed * c.blocks)} of {c.blocks} blocks streamed" if streamed else "layers = 0"),
+        (f"LoRA rank {s.rank} + grads + {s.optimizer} state", G(lora_gpu), G(host_lora), f"{G(lora):.2f} GiB of fp32 LoRA per expert"),
+        (f"activations ({tokens} tokens, {'checkpointing' if s.checkpointing else 'no checkpointing'})", G(acts), 0.0,
+         f"{G(block_activation_bytes(s, c.dim, c.ffn)[0] * tokens):.2f} GiB per block"),
+        (f"text encoder ({s.text_encoder if s.text_encoder != 'none' else s.dtype})", G(te_train), G(host_te),
+         "cached, off the GPU" if s.text_cache else "stays on the GPU"),
+        ("VAE (fp32) + encode work", G(vae_train + (0 if s.latent_cache else vae_work)), 0.0,
+         "latents cached, off the GPU" if s.latent_cache else "encodes every step"),
+        ("CUDA context + allocator slack", CUDA_OVERHEAD_GIB, 0.0, ""),
+        ("start: text encoder in %s before quantizing" % s.dtype, G(start), G(host_base + te_full), "transient"),
+        ("host: process + expert loading", 0.0, G(host_loading), "quantized so far + one block" if s.transformer != "none" else "bf16 expert"),
+    ]
+    if caching:
+        rows.insert(-2, ("caching phase (text encoder + VAE working)", G(caching), 0.0, "before the first step"))
+    est = Estimate(rows=rows, gpu_peak=G(phases[phase]), host_peak=G(host_peak), phase=phase, tokens=tokens, vram=vram_gb)
+    if suggest and vram_gb is not None and not est.fits:
+        est = attrs.evolve(est, suggestions=suggestions(s, transformer_config, text_config, vae_params, vram_gb))
+    return est
+
+
+_LADDER = {"none": "qfloat8", "qfloat8": "qint8", "qint8": "qint4+ara", "qint4": "qint4+ara"}
+
+
+def suggestions(s: Settings, tcfg, text_cfg, vae_params, vram: float) -> list[str]:
+    """Changes, applied one after the other, until the estimate fits."""
+    steps: list[tuple[str, dict]] = []
+    if not s.checkpointing:
+        steps.append(("[model] gradient_checkpointing = true", {"checkpointing": True}))
+    if not s.text_cache:
+        steps.append(('enable the "text_cache" plugin (text encoder off the GPU after caching)', {"text_cache": True}))
+    if not s.latent_cache:
+        steps.append(('enable the "latent_cache" plugin and cache_latents = true (VAE off the GPU)', {"latent_cache": True}))
+    q = s.transformer
+    while q in _LADDER:
+        q = _LADDER[q]
+        steps.append((f'[plugins.quantize] transformer = "{q}"', {"transformer": q}))
+    if not s.offload_experts:
+        steps.append(("[plugins.offload] experts = true", {"offload_experts": True}))
+    out, cur = [], s
+    for text, change in steps:
+        cur = attrs.evolve(cur, **change)
+        e = estimate(cur, tcfg, text_cfg, vae_params, vram, suggest=False)
+        out.append(f"{text}  -> peak {e.gpu_peak:.1f} GiB")
+        if e.fits:
+            return out
+    for layers in (0.25, 0.5, 0.75, 1.0):
+        if layers <= cur.offload_layers:
+            continue
+        e = estimate(attrs.evolve(cur, offload_layers=layers, checkpointing=True), tcfg, text_cfg, vae_params, vram, suggest=False)
+        if e.fits or layers == 1.0:
+            out.append(f"[plugins.offload] layers = {layers}  -> peak {e.gpu_peak:.1f} GiB")
+            if e.fits:
+                return out
+    out.append("lower the resolution or num_frames of the datasets (activations grow with frames x height x width)")
+    return out
+
+
+# ---------------------------------------------------------------- from a profile
+
+
+def configs_for(name_or_path: str) -> tuple[dict, dict, int, str]:
+    """(transformer config, text encoder config, VAE params, where from). A
+    local Diffusers folder is read; anything else is taken to be Wan 2.2 T2V
+    A14B, whose configs ship here (no download, no weights)."""
+    path = Path(name_or_path).expanduser()
+    if not (path / "transformer" / "config.json").is_file():
+        return dict(A14B_TRANSFORMER), dict(UMT5_XXL), WAN_VAE_PARAMS, "built-in Wan 2.2 T2V A14B config"
+    tcfg = json.loads((path / "transformer" / "config.json").read_text())
+    text = json.loads((path / "text_encoder" / "config.json").read_text())
+    text = {k: text.get(k, UMT5_XXL[k]) for k in UMT5_XXL}
+    vae_params = _count_vae(path / "vae" / "config.json")
+    return tcfg, text, vae_params, f"{path} (configs only)"
+
+
+def _count_vae(config_path: Path) -> int:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan
+
+    cfg = {k: v for k, v in json.loads(config_path.read_text()).items() if not k.startswith("_")}
+    with init_empty_weights():
+        vae = AutoencoderKLWan.from_config(cfg)
+    return sum(p.numel() for p in vae.parameters())
+
+
+def estimate_profile(profile, vram_gb: float | None = None) -> tuple[Estimate, str]:
+    tcfg, text, vae_params, origin = configs_for(profile.model.name_or_path)
+    return estimate(settings_from_profile(profile), tcfg, text, vae_params, vram_gb), origin
+
+
+def report(profile, vram_gb: float | None = None) -> str:
+    est, origin = estimate_profile(profile, vram_gb)
+    s = settings_from_profile(profile)
+    head = (f"model: {origin}\nrun: {s.frames} frames at {s.width}x{s.height}, batch {s.batch_size} -> {est.tokens} video tokens; "
+            f"transformer {s.transformer}, text encoder {s.text_encoder}, offload experts={str(s.offload_experts).lower()} "
+            f"layers={s.offload_layers:g}, checkpointing={str(s.checkpointing).lower()}")
+    lines = [head, "", est.table(), ""]
+    if vram_gb is None:
+        lines.append(f"peak GPU memory ~{est.gpu_peak:.1f} GiB, host RAM ~{est.host_peak:.1f} GiB (pass --vram-gb N to check a card)")
+    elif est.fits:
+        lines.append(f"fits: ~{est.gpu_peak:.1f} GiB of {vram_gb:g} GiB ({vram_gb - est.gpu_peak:.1f} GiB to spare); host RAM ~{est.host_peak:.1f} GiB")
+    else:
+        lines.append(f"does not fit: ~{est.gpu_peak:.1f} GiB needed, {vram_gb:g} GiB available. Try, in this order:")
+        lines += [f"  {i + 1}. {t}" for i, t in enumerate(est.suggestions)]
+    lines.append("estimates are +-15%: see docs/memory.md for the model and its assumptions")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""wantrain estimate: counts on a config small enough to check by hand, the
+real A14B config (no weights), fit / suggestions, and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from wantrain import estimate as est
+from wantrain.profile import DEFAULT_MODEL, LORA_MODULES, load_profile
+
+# dim 16 (2 heads x 8), ffn 32, one block, patch 1x2x2
+HAND = dict(
+    patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    text_dim=8, freq_dim=4, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=64,
+)
+
+
+def test_counts_checked_by_hand():
+    c = est.count_transformer(HAND, "qint4", est.quant.DEFAULT_EXCLUDE, LORA_MODULES)
+    # 8 attention linears 16x16 + ffn 16->32 and 32->16: 8*256 + 2*512 weights
+    assert c.quantized == 3072
+    # sum of (in + out): 8 * 32 + 2 * 48
+    assert c.quantized_io == 352 and c.lora_io == 352
+    assert (c.dim, c.ffn, c.blocks, c.patch) == (16, 32, 1, 4)
+    s = est.Settings(transformer="qint4", rank=4, modules=LORA_MODULES)
+    assert est.expert_weight_bytes(s, c) == 3072 * 0.53125 + 2 * c.other + 4 * c.fp32
+    # nothing is quantized without the plugin
+    assert est.count_transformer(HAND, "none", est.quant.DEFAULT_EXCLUDE, LORA_MODULES).quantized == 0
+
+
+def test_activations_checked_by_hand():
+    s = est.Settings(dtype="bf16", modules=LORA_MODULES, frames=33, height=512, width=512)
+    per_token, per_text = est.block_activation_bytes(s, 16, 32)
+    # bf16 with fp32 LoRA on all ten targets: 80 d + 8 f per video token, 20 d per text token
+    assert (per_token, per_text) == (80 * 16 + 8 * 32, 20 * 16)
+    assert est.video_tokens(s, 4) == 9 * 64 * 64 // 4 == 9216
+    c = est.count_transformer(HAND, "none", (), LORA_MODULES)
+    outside, work = 9216 * 8 * 16, 9216 * (16 * 16 + 4 * 32)
+    assert est.activation_bytes(s, c) == 1 * 9216 * 2 * 16 + 9216 * 1536 + 512 * 320 + outside + work
+    no_ckpt = est.Settings(dtype="bf16", modules=LORA_MODULES, checkpointing=False)
+    assert est.activation_bytes(no_ckpt, c) == 9216 * 1536 + 512 * 320 + outside + work
+    # an fp32 model has no LoRA input casts: 4 bytes everywhere instead
+    fp32 = est.Settings(dtype="fp32", modules=LORA_MODULES)
+    assert est.block_activation_bytes(fp32, 16, 32)[0] == (4 + 4 + 16 + 16 + 4) * 16 + (4 + 4 + 8 + 8 + 4) * 16 + 8 * 16 + 8 * 32
+
+
+def test_a14b_config_counts_14b_per_expert():
+    c = est.count_transformer(est.A14B_TRANSFORMER, "qint4+ara", est.quant.DEFAULT_EXCLUDE, LORA_MODULES)
+    total = c.quantized + c.other + c.fp32
+    assert 14.0e9 < total < 14.6e9
+    assert c.quantized / total > 0.97  # the block linears are nearly everything
+    assert c.lora_io * 16 * 4 / 2**30 == pytest.approx(0.286, abs=0.01)  # rank-16 fp32 LoRA per expert
+
+
+def _profile(profile_data, **plugins):
+    data = dict(profile_data)
+    data["model"] = {**data["model"], "name_or_path": DEFAULT_MODEL, "dtype": "bf16", "gradient_checkpointing": True}
+    data["datasets"] = [{**data["datasets"][0], "resolutions": [512], "num_frames": 33}]
+    data["plugins"] = {"enabled": list(plugins), **{k: v for k, v in plugins.items() if v}}
+    return load_profile(data=data)
+
+
+def test_24gb_recipe_fits_and_a_naive_one_gets_suggestions(profile_data):
+    recipe = _profile(profile_data, quantize={"transformer": "qint4+ara", "text_encoder": "qint8"}, offload={"experts": True},
+                      text_cache={})
+    e, origin = est.estimate_profile(recipe, 24)
+    assert "built-in" in origin and e.tokens == 9216
+    assert e.fits and 14 < e.gpu_peak < 24
+    naive = _profile(profile_data)
+    bad, _ = est.estimate_profile(naive, 24)
+    assert not bad.fits and bad.gpu_peak > 60
+    assert bad.suggestions and "peak" in bad.suggestions[-1]
+    last_peak = float(bad.suggestions[-1].split("peak ")[1].split(" GiB")[0])
+    assert last_peak <= 24
+
+
+def test_cli_estimate(profile_data, tmp_path, capsys):
+    import tomli_w
+
+    from wantrain.cli import main
+
+    data = dict(profile_data)
+    data["model"] = {**data["model"], "name_or_path": DEFAULT_MODEL, "dtype": "bf16", "gradient_checkpointing": True}
+    data["datasets"] = [{**data["datasets"][0], "resolutions": [512], "num_frames": 33}]
+    data["plugins"] = {"enabled": ["quantize", "offload"], "quantize": {"transformer": "qint4+ara"}, "offload": {"experts": True}}
+    path = tmp_path / "p.toml"
+    path.write_text(tomli_w.dumps(data))
+    assert main(["estimate", str(path), "--vram-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "9216 video tokens" in out and "fits: ~" in out and "transformer weights x1 (qint4+ara)" in out
+    assert main(["estimate", str(path), "--vram-gb", "8"]) == 0
+    assert "does not fit" in capsys.readouterr().out
