@@ -57,11 +57,12 @@ def load(run: Run) -> None:
     run.text_encoder.to(run.device)
     run.pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)
     run.vae = model.load_vae(run.source).to(run.device)
-    for i, expert in enumerate(run.trained):
+    for expert in run.trained:
         module = load_expert_into(run, expert)
         if p.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()
-        params = lora.attach_lora(module, p.target.rank, p.target.alpha, p.target.modules, seed=p.job.seed + i)
+        seed = p.job.seed + model.EXPERTS.index(expert)  # same init whichever experts are trained
+        params = lora.attach_lora(module, p.target.rank, p.target.alpha, p.target.modules, seed=seed)
         run.lora_parameters[expert] = params
         module.train()
     load_init_from(run)  # [target] init_from: start from an existing LoRA
@@ -140,11 +141,12 @@ def train_step(run: Run) -> dict:
         hook.before_expert_switch(run=run, old=run.active_expert, new=expert)
         old, run.active_expert = run.active_expert, expert
         hook.after_expert_switch(run=run, old=old, new=expert)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(tcfg.gradient_accumulation):
         batch = run.data.next_batch(tcfg.batch_size)
         for key, value in micro_step(run, expert, batch).items():
             sums[key] = sums.get(key, 0.0) + value / tcfg.gradient_accumulation
+    sums = {key: float(value) for key, value in sums.items()}  # one device sync per step
     params = run.lora_parameters[expert]
     max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
     run.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -170,8 +172,9 @@ def train_step(run: Run) -> dict:
     return metrics
 
 
-def micro_step(run: Run, expert: str, batch) -> dict[str, float]:
-    """Forward + losses + backward for one micro-batch; returns detached losses."""
+def micro_step(run: Run, expert: str, batch) -> dict[str, torch.Tensor]:
+    """Forward + losses + backward for one micro-batch; returns detached losses
+    (tensors: no device sync here)."""
     hook = run.pm.hook
     latents = run.encode_videos(batch).to(run.device, torch.float32)
     text_states = run.encode_prompts(batch.captions)
@@ -190,8 +193,8 @@ def micro_step(run: Run, expert: str, batch) -> dict[str, float]:
     extras = {k: v for found in hook.compute_extra_losses(run=run, batch=batch, ctx=ctx) for k, v in (found or {}).items()}
     total = main + sum(extras.values()) if extras else main
     (total / run.profile.training.gradient_accumulation).backward()
-    out = {"loss": float(total.detach()), "loss/main": float(main.detach())}
-    out.update({f"loss/{k}": float(v.detach()) for k, v in extras.items()})
+    out = {"loss": total.detach(), "loss/main": main.detach()}
+    out.update({f"loss/{k}": v.detach() for k, v in extras.items()})
     return out
 
 
