@@ -24,6 +24,7 @@ import logging
 import re
 import struct
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -292,11 +293,14 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
             stream.thread_type = "AUTO"
         fps = _rate(stream)
         segments = _plan_segments(container, stream, wanted, fps)
-        try:
-            got = _decode_segments(container, stream, segments, fps)
-        except av.error.FFmpegError as exc:
-            raise MediaError(f"corrupt video: decoding failed ({_short(exc)})") from None
-    return np.stack([got[i] for i in indices])
+        # RGB conversion (swscale, GIL released) overlaps the decoding of the next frames
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            try:
+                got = _decode_segments(container, stream, segments, fps, pool)
+            except av.error.FFmpegError as exc:
+                raise MediaError(f"corrupt video: decoding failed ({_short(exc)})") from None
+            images = {i: future.result() for i, future in got.items()}
+    return np.stack([images[i] for i in indices])
 
 
 @attrs.define
@@ -334,9 +338,9 @@ def _keyframe_before(container, index: int, fps: Fraction) -> int | None:
     return None
 
 
-def _decode_segments(container, stream, segments: list[_Segment], fps: Fraction) -> dict[int, np.ndarray]:
+def _decode_segments(container, stream, segments: list[_Segment], fps: Fraction, pool) -> dict[int, Future]:
     wanted = {i for seg in segments for i in seg.indices}
-    got: dict[int, np.ndarray] = {}
+    got: dict[int, Future] = {}
     codec = stream.codec_context
     for seg in segments:
         container.seek(_pts_of(stream, seg.start, fps), stream=stream, backward=True)
@@ -347,16 +351,16 @@ def _decode_segments(container, stream, segments: list[_Segment], fps: Fraction)
                 needed = packet.is_keyframe or packet.pts is None or _index_of(stream, packet.pts, fps) in wanted
                 codec.skip_frame = "DEFAULT" if needed else "NONREF"
             for frame in codec.decode(packet):
-                previous = _take(frame, _index_of(stream, frame.pts, fps), todo, got, previous)
+                previous = _take(frame, _index_of(stream, frame.pts, fps), todo, got, previous, pool)
             if not todo:
                 break
         codec.skip_frame = "DEFAULT"
         if todo:
-            _end_of_stream(todo, got, previous)
+            _end_of_stream(todo, got, previous, pool)
     return got
 
 
-def _end_of_stream(todo: list[int], got: dict, previous) -> None:
+def _end_of_stream(todo: list[int], got: dict, previous, pool) -> None:
     """Frames asked for past the last decoded one: a frame or two is index
     rounding (the last frame stands in); more means the clip is cut short."""
     if previous is None:
@@ -364,7 +368,7 @@ def _end_of_stream(todo: list[int], got: dict, previous) -> None:
     last, frame = previous
     if todo[-1] - last > max(2, last // 100):
         raise MediaError(f"truncated or corrupt video: frames stop at {last}, frame {todo[-1]} is needed")
-    image = _to_rgb(frame)
+    image = pool.submit(_to_rgb, frame)
     for index in todo:
         got[index] = image
     todo.clear()
@@ -377,12 +381,13 @@ def _packets_then_flush(container, stream):
     yield None  # drain the decoder at the end of the stream
 
 
-def _take(frame, index: int, todo: list[int], got: dict, previous):
-    """File ``frame`` under every wanted index it stands for."""
+def _take(frame, index: int, todo: list[int], got: dict, previous, pool):
+    """File ``frame`` under every wanted index it stands for (its RGB
+    conversion runs in ``pool``)."""
     while todo and todo[0] <= index:
         wanted = todo.pop(0)
         source = frame if wanted == index or previous is None else previous[1]
-        got[wanted] = _to_rgb(source)
+        got[wanted] = pool.submit(_to_rgb, source)
     return (index, frame)
 
 
