@@ -109,7 +109,7 @@ def handwritten_steps(run, latents, text, steps: int) -> float:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())
     return (time.perf_counter() - t0) / steps
 
 
@@ -129,9 +129,13 @@ def main() -> int:
         kernel_steps(run, 10)  # warm-up both paths
         handwritten_steps(run, latents, text, 10)
         ours, theirs = [], []
-        for _ in range(args.repeats):
-            ours.append(kernel_steps(run, args.steps))
-            theirs.append(handwritten_steps(run, latents, text, args.steps))
+        for i in range(args.repeats):  # ABBA order: drift in machine speed cancels out
+            if i % 2:
+                theirs.append(handwritten_steps(run, latents, text, args.steps))
+                ours.append(kernel_steps(run, args.steps))
+            else:
+                ours.append(kernel_steps(run, args.steps))
+                theirs.append(handwritten_steps(run, latents, text, args.steps))
     k, h = statistics.median(ours), statistics.median(theirs)
     print(f"model: tiny Wan 2.2 expert (4 blocks, dim 128), latents {tuple(latents.shape)}, rank 16, CPU")
     print(f"wantrain loop   : {k * 1000:8.2f} ms/step (median of {args.repeats} x {args.steps} steps)")
