@@ -296,7 +296,7 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
          "latents cached, off the GPU" if s.latent_cache else "encodes every step"),
         ("CUDA context + allocator slack", CUDA_OVERHEAD_GIB, 0.0, ""),
         ("start: text encoder in %s before quantizing" % s.dtype, G(start), G(host_base + te_full), "transient"),
-        ("host: process + expert loading", 0.0, G(host_loading), "quantized so far + one block" if s.transformer != "none" else "bf16 expert"),
+        ("host: process + expert loading", 0.0, G(host_loading), "quantized so far + one layer" if s.transformer != "none" else "bf16 expert"),
     ]
     if caching:
         rows.insert(-2, ("caching phase (text encoder + VAE working)", G(caching), 0.0, "before the first step"))

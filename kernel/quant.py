@@ -163,24 +163,27 @@ def materialise(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], dt
 
 
 def quantize_linears(
-    module: torch.nn.Module, qtype: str, exclude: Iterable[str], prefix: str = "", skip: tuple[str, ...] = ()
+    module: torch.nn.Module, qtype: str, exclude: Iterable[str], prefix: str = "", skip: tuple[str, ...] = (),
+    only: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize (and freeze) every ``nn.Linear`` of ``module`` whose full name
-    (``prefix + name``) is not excluded. Returns the original weights of the
-    quantized layers (``{full name: tensor}``) for the caller to use or drop."""
+    (``prefix + name``) is not excluded -- or just the one named ``only``.
+    Returns the original weights of the quantized layers (``{full name:
+    tensor}``) for the caller to use or drop."""
     from optimum.quanto import freeze, quantize
 
     names, originals = [], {}
     for name, sub in module.named_modules():
         full = prefix + name
-        if skip and name.startswith(skip):
+        if (skip and name.startswith(skip)) or (only is not None and name != only):
             continue
         if type(sub) is torch.nn.Linear and not excluded(full, exclude):
             names.append(name)
             originals[full] = sub.weight.detach()
     if names:
         quantize(module, weights=quanto_qtype(qtype), include=names)
-        freeze(module)
+        for name in names:
+            freeze(module.get_submodule(name))
     return originals
 
 
@@ -205,9 +208,9 @@ def load_quantized_expert(
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     ara: "AraPlan | None" = None,
 ) -> torch.nn.Module:
-    """Build the expert on ``meta`` and stream it in, quantizing block by block.
+    """Build the expert on ``meta`` and stream it in, quantizing layer by layer.
 
-    Peak host memory: the quantized model so far plus one block in ``dtype``.
+    Peak host memory: the quantized model so far plus one layer in ``dtype``.
     With ``ara``, each quantized linear gets its recovery adapter while its
     block is loaded (from the plan's file / cache, or by SVD of the residual).
     """
@@ -265,17 +268,28 @@ def _glibc_mmap_large_allocations() -> None:
 
 def _load_group(module, prefix, keys, files, dtype, qtype, exclude, ara) -> None:
     """Read ``keys`` (one block, or everything outside the blocks when
-    ``prefix`` is empty), materialise them, quantize, attach ARA, let go."""
-    tensors = read_tensors(keys, files)
-    materialise(module, {k[len(prefix):]: v for k, v in tensors.items()}, dtype)
-    del tensors
+    ``prefix`` is empty) one layer at a time: materialise a layer, quantize
+    it, attach its ARA, let its full-precision weight go, then the next --
+    so at most one layer's weights are in flight, not a whole block."""
     # outside the blocks (prefix ""), the blocks themselves are still on meta
     skip = ("blocks.",) if prefix == "" else ()
-    originals = quantize_linears(module, qtype, exclude, prefix=prefix, skip=skip)
-    if ara is not None:
-        for full, weight in originals.items():
-            ara.attach(module, full[len(prefix):], full, weight)
-    del originals
+    for layer, layer_keys in _by_layer(keys, prefix).items():
+        tensors = read_tensors(layer_keys, files)
+        materialise(module, {k[len(prefix):]: v for k, v in tensors.items()}, dtype)
+        del tensors
+        originals = quantize_linears(module, qtype, exclude, prefix=prefix, skip=skip, only=layer)
+        if ara is not None:
+            for full, weight in originals.items():
+                ara.attach(module, full[len(prefix):], full, weight)
+        del originals
+
+
+def _by_layer(keys: Iterable[str], prefix: str) -> dict[str, list[str]]:
+    """Group tensor names by the module that owns them (``attn1.to_q``)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key[len(prefix):].rpartition(".")[0], []).append(key)
+    return groups
 
 
 def quantize_module(module: torch.nn.Module, qtype: str, exclude: Iterable[str] = ()) -> int:

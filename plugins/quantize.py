@@ -2,7 +2,7 @@
 
 - ``transformer``: ``"none"`` | ``"qfloat8"`` | ``"qint8"`` | ``"qint4"`` |
   ``"qint4+ara"``. Each expert is loaded by :func:`wantrain.quant.load_quantized_expert`:
-  built on the meta device, streamed in one block at a time and quantized as
+  built on the meta device, streamed in one layer at a time and quantized as
   it goes -- a full bf16 expert is never in memory. Only the experts the run
   needs are loaded (the kernel asks for the trained ones, previews for the
   other on first use).
