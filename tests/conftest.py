@@ -19,6 +19,16 @@ except ImportError:  # pragma: no cover
     pass
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: quanto's CPU kernels and LAPACK slow
+    down by ~10x with 2 threads on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from wantrain.tiny import make_tiny_model

@@ -17,12 +17,7 @@ from wantrain.plugins import offload
 from wantrain.profile import load_profile
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(profile_data, steps=4, **cfg):

@@ -17,13 +17,7 @@ from wantrain.model import ModelSource, load_expert
 from wantrain.profile import load_profile
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # quanto's CPU kernels and LAPACK slow down by 10x with 2 threads on a busy 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _profile(profile_data, tmp_path, **quantize):
