@@ -14,7 +14,7 @@ The model and every assumption are written up in ``docs/memory.md``. In short:
 - activations per video token and block, counted from the operations of
   diffusers' ``WanTransformerBlock`` and what autograd saves for each (see the
   docs), with and without gradient checkpointing;
-- phases: start (text encoder loads in the model dtype, then is quantized),
+- phases: start (text encoder loads on the host in the model dtype, is quantized there, then moves),
   caching (text encoder and VAE working), training; the peak is the largest.
 """
 
@@ -262,7 +262,7 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
     te_train = 0.0 if s.text_cache else te_q
     vae_train = 0.0 if s.latent_cache else vae
     ctx = CUDA_OVERHEAD_GIB * GiB
-    start = te_full + vae + ctx
+    start = te_q + vae + ctx  # the encoder is quantized on the host, then moved
     cache_experts = 0.0 if s.offload_experts else s.experts * (expert + ara) * stream_keep
     caching = (te_q + vae + vae_work + cache_experts + ctx) if (s.text_cache or s.latent_cache) else 0.0
     train_step = w_gpu + lora_gpu + te_train + vae_train + ctx + max(acts, 0.0 if s.latent_cache else vae_work)
@@ -295,7 +295,7 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
         ("VAE (fp32) + encode work", G(vae_train + (0 if s.latent_cache else vae_work)), 0.0,
          "latents cached, off the GPU" if s.latent_cache else "encodes every step"),
         ("CUDA context + allocator slack", CUDA_OVERHEAD_GIB, 0.0, ""),
-        ("start: text encoder in %s before quantizing" % s.dtype, G(start), G(host_base + te_full), "transient"),
+        ("start: text encoder (quantized on the host) + VAE", G(start), G(host_base + te_full), "transient"),
         ("host: process + expert loading", 0.0, G(host_loading), "quantized so far + one layer" if s.transformer != "none" else "bf16 expert"),
     ]
     if caching:

@@ -100,10 +100,12 @@ def after_expert_load(run: "Run", expert: str, module: "torch.nn.Module") -> Non
 
 @hookspec
 def after_text_encoder_load(run: "Run", module: "torch.nn.Module") -> None:
-    """The UMT5 text encoder is loaded (frozen, eval mode).
+    """The UMT5 text encoder is loaded (frozen, eval mode), still on the host.
 
-    Fires: once, after the encoder is built and before any prompt is encoded.
-    May change the module in place (quantize it).
+    Fires: once, after the encoder is built and before it moves to the run's
+    device (so a full-precision UMT5-XXL never lands on the GPU when it is
+    quantized here) and before any prompt is encoded. May change the module
+    in place (quantize it).
 
     :return: *notify*.
     """

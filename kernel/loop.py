@@ -54,8 +54,8 @@ def load(run: Run) -> None:
     run.source, index = model.load_model_index(p.model.name_or_path)
     run.boundary = model.boundary_ratio(index)
     run.tokenizer, run.text_encoder = model.load_text_encoder(run.source, run.dtype)
+    run.pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)  # on the host: quantize before the move
     run.text_encoder.to(run.device)
-    run.pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)
     run.vae = model.load_vae(run.source).to(run.device)
     for expert in run.trained:
         module = load_expert_into(run, expert)
