@@ -3,8 +3,8 @@
     python benchmarks/decode.py [--repeats 3] [--fps 30] [--gop 250]
 
 wantrain's reader (``wantrain.media.read_frames``: plan, keyframe seeks,
-non-reference frames dropped, RGB conversion of kept frames only, frame
-threads) against the plain way: decode every frame with PyAV's default
+non-reference frames dropped, RGB conversion of kept frames only, overlapping
+the decoding) against the plain way: decode every frame with PyAV's default
 settings and keep 33. Two sample plans are timed:
 
 - ``uniform``: 33 frames spread over the whole clip (``frame_sampling = "uniform"``);

@@ -21,6 +21,7 @@ reason shown to the user (``skip <path>: <reason>``).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 import warnings
@@ -44,6 +45,15 @@ MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 #: a gap (in frames) below which decoding on is always cheaper than seeking
 MIN_SEEK_GAP = 16
+#: FFmpeg frame threads pay off only for large frames with cores to spare:
+#: on 2 cores at 720p they made reads 1.2-2x slower (benchmarks/decode.py);
+#: DataLoader workers already decode several clips at once.
+THREADS_MIN_PIXELS = 1920 * 1080
+THREADS_MIN_CORES = 4
+
+
+def use_frame_threads(width: int, height: int) -> bool:
+    return width * height >= THREADS_MIN_PIXELS and (os.cpu_count() or 1) >= THREADS_MIN_CORES
 
 
 class MediaError(Exception):
@@ -273,7 +283,7 @@ def _index_of(stream, pts: int, fps: Fraction) -> int:
     return int(round((pts - _start(stream)) * stream.time_base * fps))
 
 
-def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = True) -> np.ndarray:
+def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool | None = None) -> np.ndarray:
     """Decode the frames at ``indices`` (presentation order, 0-based) as RGB
     uint8 ``[N, H, W, 3]``, in the order asked (repeats allowed).
 
@@ -282,13 +292,17 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
     (found by a seek and one packet read, no decoding) unless decoding on
     from where the previous segment stopped is shorter. Frames nobody wants that
     no other frame references are dropped by the decoder, and only wanted
-    frames are converted to RGB.
+    frames are converted to RGB (overlapping the decoding). ``threads``:
+    FFmpeg frame threads on/off; None decides by frame size and core count
+    (:func:`use_frame_threads`).
     """
     wanted = sorted({int(i) for i in indices})
     if not wanted or wanted[0] < 0:
         raise ValueError(f"indices must be non-negative and non-empty, got {list(indices)[:8]}")
     with _open(path) as container:
         stream = container.streams.video[0]
+        if threads is None:
+            threads = use_frame_threads(stream.codec_context.width, stream.codec_context.height)
         if threads:
             stream.thread_type = "AUTO"
         fps = _rate(stream)
