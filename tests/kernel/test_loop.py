@@ -179,11 +179,42 @@ def test_lr_schedules_with_warmup(profile_data, kind):
         assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.2
 
 
-def test_gradient_accumulation_and_clipping_reported(profile_data):
+def test_gradient_accumulation_and_clipping(profile_data, tmp_path):
+    """Three micro-batches per step are drawn, the logged norm is the one
+    before clipping, and the gradients the optimizer sees are clipped."""
+    from wantrain.data import build_train_data
+
+    plugin = tmp_path / "grads.py"
+    plugin.write_text(
+        "import torch\nfrom wantrain import hookimpl\nNORMS = []\n\n"
+        "@hookimpl\ndef before_optimizer_step(run):\n"
+        "    grads = [p.grad for p in run.lora_parameters[run.active_expert] if p.grad is not None]\n"
+        "    NORMS.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))\n"
+    )
+    profile_data["plugins"] = {"enabled": [str(plugin)]}
     profile_data["training"].update(steps=1, gradient_accumulation=3, max_grad_norm=1e-6)
     run = _run(profile_data)
-    assert run.last_metrics["grad_norm"] > 1e-6  # norm before clipping
-    assert run.data.state_dict() != {}, "three micro-batches were drawn"
+    assert run.last_metrics["grad_norm"] > 1e-4  # norm before clipping
+    (clipped,) = sys.modules["wantrain_user_plugin_grads"].NORMS
+    assert clipped == pytest.approx(1e-6, rel=1e-3)
+    reference = build_train_data(run.profile, seed=run.profile.job.seed)
+    for _ in range(3):
+        reference.next_batch(1)
+    assert run.data.state_dict() == reference.state_dict(), "exactly three micro-batches were drawn"
+    reference.close()
+
+
+def test_loader_workers_do_not_change_the_result(profile_data, tmp_path):
+    """``training.num_workers`` reaches the loader and changes nothing but speed."""
+    weights = []
+    for workers in (0, 2):
+        profile_data["job"]["output_dir"] = str(tmp_path / f"w{workers}")
+        profile_data["training"].update(num_workers=workers, steps=3)
+        run = _run(profile_data)
+        assert run.data.num_workers == workers
+        weights.append(lora.read_lora_file(run.output_dir / "t_high_noise.safetensors")[0])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_loss_falls_on_one_clip(profile_data, tmp_path):
