@@ -21,27 +21,27 @@ from pathlib import Path
 
 import torch
 
-from wantrain import quant
-from wantrain.lora import DIFFUSERS_TO_COMFY
+from wantrain.plugins.quantize import ara, loader
+from wantrain.formats.lora import DIFFUSERS_TO_COMFY
 from wantrain.model import ModelSource
 
 
 def layer_errors(source: ModelSource, subfolder: str, rank: int, blocks: int | None, tokens: int = 256) -> dict[str, list[tuple[float, float]]]:
-    files = quant.weight_map(source, subfolder)
+    files = loader.weight_map(source, subfolder)
     g = torch.Generator().manual_seed(0)
     out: dict[str, list[tuple[float, float]]] = defaultdict(list)
     n_blocks = 1 + max(int(k.split(".")[1]) for k in files if k.startswith("blocks."))
     for i in range(n_blocks if blocks is None else min(blocks, n_blocks)):
         keys = [f"blocks.{i}.{m}.weight" for m in DIFFUSERS_TO_COMFY]
-        weights = quant.read_tensors(keys, files)
+        weights = loader.read_tensors(keys, files)
         for m in DIFFUSERS_TO_COMFY:
             w = weights[f"blocks.{i}.{m}.weight"].to(torch.bfloat16)
             holder = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16))
             with torch.no_grad():
                 holder[0].weight.copy_(w)
-            quant.quantize_linears(holder, "qint4", ())
+            loader.quantize_linears(holder, "qint4", ())
             layer = holder[0]
-            down, up = quant.svd_ara(w, quant.dequantized_weight(layer), rank, torch.bfloat16)
+            down, up = ara.svd_ara(w, ara.dequantized_weight(layer), rank, torch.bfloat16)
             x = torch.randn(tokens, w.shape[1], generator=g).to(torch.bfloat16)
             with torch.no_grad():
                 ref = x.float() @ w.float().T
@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(4, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        from wantrain.tiny import make_tiny_model
+        from wantrain.commands.tiny import make_tiny_model
 
         tiny = make_tiny_model(Path(tmp) / "tiny")
         print_table("tiny model (dim 128, ffn 256, 4 blocks), all blocks", layer_errors(ModelSource(str(tiny)), "transformer", args.rank, None), args.rank)

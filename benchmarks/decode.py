@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from wantrain.data import MODEL_FPS, uniform_indices
-from wantrain.media import read_frames, write_video
+from wantrain.data.media import read_frames, write_video
 
 WIDTH, HEIGHT, SECONDS, FRAMES = 1280, 720, 20, 33
 

@@ -32,10 +32,10 @@ def build_expert(device: torch.device, ara_rank: int, seed: int = 0) -> torch.nn
     """A14B expert, random weights, each block made on the GPU then quantized."""
     from accelerate.utils import set_module_tensor_to_device
 
-    from wantrain import quant
-    from wantrain.estimate import A14B_TRANSFORMER
+    from wantrain.plugins.quantize import ara, loader
+    from wantrain.commands.estimate import A14B_TRANSFORMER
 
-    module = quant.build_empty(A14B_TRANSFORMER)
+    module = model.build_empty(A14B_TRANSFORMER)
     g = torch.Generator(device).manual_seed(seed)
 
     def fill(sub: torch.nn.Module, prefix: str, recurse: bool = True) -> None:
@@ -54,11 +54,11 @@ def build_expert(device: torch.device, ara_rank: int, seed: int = 0) -> torch.nn
             fill(child, name + ".")
     for i, block in enumerate(module.blocks):
         fill(block, f"blocks.{i}.")
-        originals = quant.quantize_linears(block, "qint4", quant.DEFAULT_EXCLUDE, prefix=f"blocks.{i}.")
+        originals = loader.quantize_linears(block, "qint4", loader.DEFAULT_EXCLUDE, prefix=f"blocks.{i}.")
         for full, weight in originals.items():
             layer = block.get_submodule(full[len(f"blocks.{i}."):])
-            down, up = quant.svd_ara(weight, quant.dequantized_weight(layer), ara_rank, torch.bfloat16)
-            quant.attach_ara(layer, down, up)
+            down, up = ara.svd_ara(weight, ara.dequantized_weight(layer), ara_rank, torch.bfloat16)
+            ara.attach_ara(layer, down, up)
         del originals
     return module.to(device).requires_grad_(False)
 

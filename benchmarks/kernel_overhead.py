@@ -24,7 +24,7 @@ import torch
 from wantrain import hookimpl
 from wantrain.loop import load, setup, train_step
 from wantrain.profile import load_profile
-from wantrain.tiny import make_tiny_model
+from wantrain.commands.tiny import make_tiny_model
 
 
 class FixedInputs:
@@ -58,7 +58,7 @@ class FixedData:
 
 
 def build(model_dir: Path, media_dir: Path, out: Path, size: int):
-    from wantrain.media import write_demo_data
+    from wantrain.data.demo import write_demo_data
 
     if not any(media_dir.iterdir()):
         write_demo_data(media_dir, seed=0)

@@ -6,7 +6,7 @@ ffn 8192, 15 blocks) is written in Diffusers layout (sharded safetensors +
 index, bf16), then loaded in a fresh process per loader so ``ru_maxrss`` is
 that loader's peak:
 
-- ``wantrain qint4``: :func:`wantrain.quant.load_quantized_expert` (meta
+- ``wantrain qint4``: :func:`wantrain.plugins.quantize.loader.load_quantized_expert` (meta
   device, layer by layer, quantize as it goes);
 - ``diffusers bf16``: ``WanTransformer3DModel.from_pretrained(...,
   low_cpu_mem_usage=True)`` for reference (every weight page touched after
@@ -44,7 +44,7 @@ def write_random_expert(folder: Path, config: dict, seed: int = 0) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from wantrain.quant import build_empty
+    from wantrain.model import build_empty
 
     sub = folder / "transformer"
     sub.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ CHILD = r"""
 import json, resource, sys, torch
 from pathlib import Path
 torch.set_num_threads(2)
-from wantrain import quant
+from wantrain.plugins.quantize import ara, loader
 from wantrain.model import ModelSource
 from diffusers import WanTransformer3DModel
 from optimum.quanto import qint4, quantize, freeze
@@ -99,7 +99,7 @@ def now():
 before = now()
 folder, loader = sys.argv[1], sys.argv[2]
 if loader == "wantrain":
-    m = quant.load_quantized_expert(ModelSource(folder), "transformer", dtype=torch.bfloat16, qtype="qint4")
+    m = loader.load_quantized_expert(ModelSource(folder), "transformer", dtype=torch.bfloat16, qtype="qint4")
 else:
     m = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.bfloat16, low_cpu_mem_usage=True)
     with torch.no_grad():  # weights may still be lazy file mappings: touch every page, as training would

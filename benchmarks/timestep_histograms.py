@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from wantrain.data.demo import write_demo_data
 from wantrain.loop import train
-from wantrain.media import write_demo_data
 from wantrain.plugins import timesteps as ts
 from wantrain.profile import load_profile, read_toml
-from wantrain.tiny import make_tiny_model
+from wantrain.commands.tiny import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTER = textwrap.dedent("""

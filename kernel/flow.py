@@ -31,11 +31,6 @@ def uniform_timesteps(expert: str, boundary: float, batch_size: int, generator: 
     return lo + (hi - lo) * torch.rand(batch_size, generator=generator)
 
 
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """sigma' = s*sigma / (1 + (s-1)*sigma) (the scheduler's time shift)."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     sigma = (t / T_MAX).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
     return (1 - sigma) * x0 + sigma * noise

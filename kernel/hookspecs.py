@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from . import hookspec
 
 if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
     import torch
 
-    from .context import Run, StepContext
+    from .commands.estimate import Remedy, Settings
+    from .run import Run, StepContext
     from .data import Batch
     from .errors import ProfileProblem
     from .profile import Profile
@@ -195,6 +198,23 @@ def after_expert_switch(run: "Run", old: "str | None", new: str) -> None:
 
 
 @hookspec(firstresult=True)
+def activate_expert(run: "Run", expert: str) -> "bool | None":
+    """Make ``expert`` ready to run on ``run.device`` (``run.activate_expert``).
+
+    Fires: whenever kernel code outside the training step needs an expert
+    on the device -- the preview sampler, before each expert's denoising
+    steps. A plugin that implements this event owns where the experts live
+    (``run.experts_placed_by_plugin`` is then true): nothing else moves an
+    expert between devices, and it must bring ``expert`` in here (parking
+    others as it sees fit).
+
+    :return: *first result* -- True when handled. Kernel fallback: nothing
+        to do (a loaded expert already sits on ``run.device``); returns
+        False.
+    """
+
+
+@hookspec(firstresult=True)
 def sample_timesteps(run: "Run", expert: str, batch_size: int, generator: "torch.Generator") -> "torch.Tensor | None":
     """Draw training timesteps ``t`` in [0, 1000] for ``expert``.
 
@@ -298,21 +318,27 @@ def on_save(run: "Run", step: int, paths: "dict[str, str]") -> None:
 
 @hookspec
 def state_dict(run: "Run") -> "Mapping[str, Any] | None":
-    """Plugin state for the resume checkpoint.
+    """This plugin's state for the resume checkpoint.
 
-    Fires: when a checkpoint with resume state is written.
+    Fires: when a checkpoint with resume state is written, once per plugin
+    (the kernel calls each implementation on its own and keys the answer by
+    the name the plugin is registered under -- its ``[plugins] enabled``
+    entry -- so a plugin never chooses or collides on a key).
 
-    :return: *collected* -- ``{plugin_name: state}`` (tensors and
-        JSON-serialisable values).
+    :return: *collected, keyed by plugin* -- a mapping of tensors and
+        JSON-serialisable values (lists, dicts, numbers, strings), or None
+        for nothing to save.
     """
 
 
 @hookspec
 def load_state_dict(run: "Run", state: "Mapping[str, Any]") -> None:
-    """Restore plugin state on resume. ``state`` maps plugin names to what
-    their ``state_dict`` returned; take your own entry.
+    """Restore this plugin's state on resume. ``state`` is exactly what this
+    plugin's ``state_dict`` returned when the checkpoint was written (found
+    under its registered name).
 
-    Fires: after adapters and the optimizer exist, before ``on_run_start``.
+    Fires: after adapters and the optimizer exist, before ``on_run_start``;
+    only for plugins that have an entry in the checkpoint.
 
     :return: *notify*.
     """
@@ -355,3 +381,73 @@ def on_exception(run: "Run", exc: BaseException) -> None:
     :return: *notify*.
     """
 
+
+# ---------------------------------------------------------------- tools
+
+
+@hookspec
+def estimate_memory(profile: "Profile", memory: "Settings") -> "Mapping[str, Any] | None":
+    """What this plugin changes in the memory a run needs (``wantrain estimate``).
+
+    ``memory`` is the kernel's :class:`wantrain.commands.estimate.Settings`
+    for the profile (model dtype, LoRA, batch, frames, checkpointing).
+
+    Fires: in ``wantrain estimate``, once per enabled plugin (no weights
+    load; the model's configs are read).
+
+    :return: *collected, keyed by plugin* -- ``Settings`` field changes
+        (``{"weight_bytes": 0.53, "weight_format": "qint4", ...}``) and an
+        optional ``"note"``: one line the report prints as ``<plugin>: <note>``.
+    """
+
+
+@hookspec
+def memory_remedies(profile: "Profile", memory: "Settings") -> "Iterable[Remedy] | None":
+    """Changes this plugin can offer when a run does not fit the card.
+
+    Implement it as a *module-level* function: it is asked of every
+    available plugin (built-in, entry points, the profile's own), enabled or
+    not, so that a plugin can suggest turning itself on. ``memory`` holds
+    the run's settings with every enabled plugin's changes applied.
+
+    Fires: in ``wantrain estimate --vram-gb N`` when the estimate exceeds N.
+
+    :return: *collected* -- :class:`wantrain.commands.estimate.Remedy`
+        items; the kernel sorts them by ``order``, applies them one after
+        the other and prints each with the peak it leads to, until one fits.
+    """
+
+
+@hookspec
+def add_commands(subparsers: "argparse._SubParsersAction", commands: "Mapping[str, argparse.ArgumentParser]") -> None:
+    """Add ``wantrain`` subcommands, or options to existing ones (as pytest's
+    ``pytest_addoption``).
+
+    Implement it as a *module-level* function: the command line asks every
+    available plugin before it parses the arguments. Add a command with
+    ``p = subparsers.add_parser(name, help=...)`` and
+    ``p.set_defaults(handler=fn)``, where ``fn(args) -> int`` is the exit
+    code (raise :class:`~wantrain.errors.WantrainError` for user mistakes);
+    ``commands`` maps the kernel's command names to their parsers.
+
+    Fires: once per ``wantrain`` invocation, before parsing.
+
+    :return: *notify*.
+    """
+
+
+@hookspec(firstresult=True)
+def checkpoint_weights(states: "Mapping[str, Any]", variant: str) -> "Mapping[str, Mapping[str, torch.Tensor]] | None":
+    """LoRA weights a plugin keeps in a resume checkpoint, for ``wantrain
+    export --<variant>`` (the EMA shadow: ``variant = "ema"``).
+
+    Implement it as a *module-level* function (asked of every available
+    plugin). ``states`` maps registered plugin names to what each plugin's
+    ``state_dict`` saved.
+
+    Fires: in ``wantrain export`` of a checkpoint folder with a variant.
+
+    :return: *first result* -- ``{expert: {"blocks.0.attn1.to_q.lora_A.weight": tensor, ...}}``
+        (the kernel's LoRA names), or None when this plugin does not keep
+        that variant.
+    """

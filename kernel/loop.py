@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import flow, lora, model, registry
-from .context import CoreHooks, Run, StepContext, load_expert_into, peak_memory_gb
-from .errors import ProfileError, ProfileProblem
-from .export import load_init_from
+from . import flow, lora, model
+from .data import build_train_data
+from .errors import ProfileError, ProfileProblem, WantrainError
+from .run import CORE, Run, StepContext, load_expert_into, load_frozen, open_run, peak_memory_gb
+from .lora import load_init_from
 from .optim import build_optimizer, build_scheduler
 from .profile import Profile
 from .resume import find_checkpoint, restore, save_final, save_on_stop, stop_on_signals
@@ -25,38 +26,20 @@ log = logging.getLogger("wantrain")
 def setup(profile: Profile) -> Run:
     """Plugins registered and checked, profile cross-checked, output folder
     made -- everything before the first weight loads."""
-    pm = registry.make_plugin_manager(profile, core=CoreHooks())
-    problems = [p for found in pm.hook.check_profile(profile=profile) for p in (found or [])]
-    if problems:
-        raise ProfileError(problems)
-    device = model.resolve_device(profile.job.device)
-    output_dir = Path(profile.job.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "profile.toml").write_text(profile.to_toml(), encoding="utf-8")
-    torch.manual_seed(profile.job.seed)
-    generator = torch.Generator("cpu").manual_seed(profile.job.seed)
-    return Run(
-        profile=profile, pm=pm, output_dir=output_dir, device=device,
-        dtype=model.DTYPES[profile.model.dtype], generator=generator,
-    )
+    return open_run(profile, purpose="train")
 
 
 def load(run: Run) -> None:
-    """Data scanned (errors before any weight), then text encoder, VAE, and
-    the trained experts with their LoRA adapters, optimizer and schedule."""
-    from .data import build_train_data
-
+    """Data scanned (errors before any weight), then the frozen parts (text
+    encoder, VAE), and the trained experts with their LoRA adapters,
+    optimizer and schedule."""
     p = run.profile
     run.data = build_train_data(p, seed=p.job.seed, num_workers=p.training.num_workers)
     for line in run.data.report.lines():
         log.info(line)
+    warn_unserved_caches(run)
     run.trained = list(run.pm.hook.trained_experts(profile=p))
-    run.source, index = model.load_model_index(p.model.name_or_path)
-    run.boundary = model.boundary_ratio(index)
-    run.tokenizer, run.text_encoder = model.load_text_encoder(run.source, run.dtype)
-    run.pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)  # on the host: quantize before the move
-    run.text_encoder.to(run.device)
-    run.vae = model.load_vae(run.source).to(run.device)
+    load_frozen(run)
     for expert in run.trained:
         module = load_expert_into(run, expert)
         if p.model.gradient_checkpointing:
@@ -67,10 +50,20 @@ def load(run: Run) -> None:
         module.train()
     load_init_from(run)  # [target] init_from: start from an existing LoRA
     run.pm.hook.after_adapters_attached(run=run)
-    t = p.training
+    tcfg = p.training
     params = [q for expert in run.trained for q in run.lora_parameters[expert]]
-    run.optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
-    run.lr_scheduler = build_scheduler(t.lr_scheduler, run.optimizer, t.warmup_steps, t.steps)
+    run.optimizer = build_optimizer(tcfg.optimizer, params, tcfg.lr, tcfg.weight_decay)
+    run.lr_scheduler = build_scheduler(tcfg.lr_scheduler, run.optimizer, tcfg.warmup_steps, tcfg.steps)
+
+
+def warn_unserved_caches(run: Run) -> None:
+    """``cache_latents = true`` asks for stored latents; without a plugin
+    that serves them (``encode_videos``), the VAE encodes every step."""
+    served = any(i.plugin_name != CORE for i in run.pm.hook.encode_videos.get_hookimpls())
+    for i, ds in enumerate(run.profile.datasets):
+        if ds.cache_latents and not served:
+            log.warning("datasets[%d]: cache_latents = true but no enabled plugin serves stored latents "
+                        "(encode_videos); latents are encoded every step", i)
 
 
 def train(profile: Profile, resume: str = "auto") -> Run:
@@ -200,13 +193,12 @@ def micro_step(run: Run, expert: str, batch) -> dict[str, torch.Tensor]:
 
 def check(profile: Profile) -> list[ProfileProblem]:
     """``wantrain check``: plugins, cross-checks, dataset folders, model path;
-    loads no weights."""
-    from .data import build_train_data
-    from .errors import WantrainError
-
+    loads no weights. Every problem at once."""
     problems: list[ProfileProblem] = []
-    pm = registry.make_plugin_manager(profile, core=CoreHooks())
-    problems += [p for found in pm.hook.check_profile(profile=profile) for p in (found or [])]
+    try:
+        open_run(profile, purpose="inspect")
+    except ProfileError as exc:
+        problems += exc.problems
     problems += model.check_model_source(profile.model.name_or_path)
     try:
         build_train_data(profile, seed=profile.job.seed).close()

@@ -1,44 +1,27 @@
-"""LoRA adapters: attach with peft, export to / import from the file layouts.
+"""LoRA adapters on the experts: attach with peft, read and load their
+weights, and start from an existing LoRA (``[target] init_from``).
 
-Our files use the ComfyUI (original Wan) layout, one file per expert::
-
-    diffusion_model.blocks.{i}.self_attn.{q,k,v,o}.lora_A.weight / .lora_B.weight / .alpha
-    diffusion_model.blocks.{i}.cross_attn.{q,k,v,o}...
-    diffusion_model.blocks.{i}.ffn.{0,2}...
-
-``alpha`` is a scalar tensor; the forward scale is alpha / rank. diffusers
-reads this layout directly (``WanPipeline.load_lora_weights``).
+Inside wantrain an adapter's tensors are named as the expert's modules in
+diffusers (``blocks.0.attn1.to_q.lora_A.weight``); the forward scale of a
+module is alpha / rank. File layouts (ours: ComfyUI, one file per expert;
+diffusers; kohya; diffusion-pipe; ai-toolkit) are :mod:`wantrain.formats`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
+import logging
 import re
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
-from safetensors import safe_open
+
+from .errors import ProfileProblem, WantrainError
+from .formats.lora import LoraWeights, block_kind, read_lora_sources, unreadable
+
+log = logging.getLogger("wantrain")
 
 ADAPTER = "default"
-
-# diffusers module path inside a block  <->  original Wan / ComfyUI name
-DIFFUSERS_TO_COMFY = {
-    "attn1.to_q": "self_attn.q",
-    "attn1.to_k": "self_attn.k",
-    "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o",
-    "attn2.to_q": "cross_attn.q",
-    "attn2.to_k": "cross_attn.k",
-    "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o",
-    "ffn.net.0.proj": "ffn.0",
-    "ffn.net.2": "ffn.2",
-}
-COMFY_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_TO_COMFY.items()}
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.(lora_A|lora_B)\.weight$")
 
 
 def target_regex(modules: Iterable[str]) -> str:
@@ -120,115 +103,69 @@ def load_lora_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
             weight.copy_(tensor.to(weight.dtype))
 
 
-def to_comfy(state: Mapping[str, torch.Tensor], alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Diffusers-named fp32 tensors -> ComfyUI layout with ``.alpha`` per module."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        m = _BLOCK_KEY.match(key)
-        if not m:
-            raise ValueError(f"unexpected LoRA key {key}")
-        block, path, kind = m.groups()
-        base = f"diffusion_model.blocks.{block}.{DIFFUSERS_TO_COMFY[path]}"
-        out[f"{base}.{kind}.weight"] = tensor.to(dtype).contiguous()
-        out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-    return out
+def _check_layers(module: torch.nn.Module, w: LoraWeights, where: str) -> None:
+    """Every module of ``w`` must be a layer of ``module``: none -> the file is
+    not for this model; some -> it does not fit."""
+    layers = {name for name, _ in module.named_modules()}
+    missing = [name for name in w.modules if name not in layers]
+    if len(missing) == len(w.modules):
+        raise unreadable(w.source or where, "its modules apply to none of this model's layers", got=missing[0])
+    if missing:
+        raise WantrainError(ProfileProblem(
+            where, f"does not fit this model: {missing[0]} is not one of its layers ({len(missing)} of "
+            f"{len(w.modules)} modules)", w.source, "use a LoRA trained for Wan 2.2 A14B (or the same model)"))
 
 
-def from_comfy(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """ComfyUI layout -> (diffusers-named tensors, {module: alpha})."""
-    out, alphas = {}, {}
-    pattern = re.compile(r"^diffusion_model\.blocks\.(\d+)\.(.+?)\.(lora_A\.weight|lora_B\.weight|alpha)$")
-    for key, tensor in state.items():
-        m = pattern.match(key)
-        if not m or m.group(2) not in COMFY_TO_DIFFUSERS:
-            raise ValueError(f"unexpected key {key} in a ComfyUI-layout LoRA")
-        block, path, kind = m.groups()
-        name = f"blocks.{block}.{COMFY_TO_DIFFUSERS[path]}"
-        if kind == "alpha":
-            alphas[name] = float(tensor.float().item())
-        else:
-            out[f"{name}.{kind}"] = tensor.float()
-    return out, alphas
+def attach_weights(module: torch.nn.Module, weights: LoraWeights, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Attach a LoRA of the file's rank to ``module`` holding ``weights``, each
+    module at its own scale (its alpha / rank); modules the file lacks add 0."""
+    where = weights.source or "LoRA"
+    _check_layers(module, weights, where)
+    if len(weights.ranks) != 1:
+        raise WantrainError(ProfileProblem(where, "mixes LoRA ranks", weights.ranks, "use a file with one rank"))
+    rank = weights.ranks[0]
+    kinds = sorted({block_kind(name) for name in weights.modules})
+    params = attach_lora(module, rank, next(iter(weights.alphas.values())), kinds, seed=seed)
+    load_lora_state(module, weights.state())
+    for name, layer in lora_layers(module):
+        if name in weights.alphas:
+            layer.scaling[ADAPTER] = weights.alphas[name] / rank
+    return params
 
 
-def metadata(*, profile_toml: str, step: int | None, base_model: str, trigger_word: str | None, rank: int, alpha: float, expert: str) -> dict[str, str]:
-    meta = {
-        "format": "pt",
-        "wantrain.version": _version(),
-        "wantrain.expert": expert,
-        "wantrain.step": "final" if step is None else str(step),
-        "wantrain.base_model": base_model,
-        "wantrain.rank": str(rank),
-        "wantrain.alpha": f"{alpha:g}",
-        "wantrain.trigger_word": trigger_word or "",
-        "wantrain.profile": profile_toml,
-        # read by tools that show kohya-style metadata
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": f"{alpha:g}",
-        "ss_base_model_version": f"wan2.2_t2v_a14b_{expert}",
-    }
-    return meta
+def fit_to_target(w: LoraWeights, target, where: str = "target.init_from") -> dict[str, torch.Tensor]:
+    """Check rank and modules against ``[target]``; fp32 tensors at ``target.alpha``."""
+    problems = []
+    if w.ranks != [target.rank]:
+        problems.append(ProfileProblem(where, f"has rank {', '.join(map(str, w.ranks))}, target.rank is {target.rank}",
+                                       fix=f"set target.rank = {w.ranks[0]}" if len(w.ranks) == 1 else ""))
+    extra = sorted({block_kind(n) for n in w.modules} - set(target.modules))
+    if extra:
+        problems.append(ProfileProblem(where, "holds weights for modules target.modules does not list", extra,
+                                       "add them to target.modules"))
+    if problems:
+        raise WantrainError(problems)
+    return w.delta_state(target.alpha)
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-_DTYPE_NAMES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-
-
-def serialize(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
-    """safetensors bytes with a canonical header (keys sorted), so the same
-    tensors and metadata always give the same bytes. (The safetensors
-    library writes its metadata from a hash map, in an order that changes
-    between calls.) The result is read by ``safetensors.safe_open``."""
-    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
-    chunks, offset = [], 0
-    for key in sorted(tensors):
-        t = tensors[key].detach().contiguous().cpu()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
-
-
-def write_atomic(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str]) -> Path:
-    """Write a safetensors file under a temporary name, fsync it, rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(serialize(tensors, meta))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors = {}
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        for key in fh.keys():
-            tensors[key] = fh.get_tensor(key)
-    return tensors, meta
-
-
-def lora_filename(name: str, expert: str, step: int | None) -> str:
-    return f"{name}_{expert}.safetensors" if step is None else f"{name}_{step:09d}_{expert}.safetensors"
-
-
-def describe(meta: Mapping[str, str]) -> dict[str, Any]:
-    return {k: (json.loads(v) if v[:1] in "[{" else v) for k, v in meta.items() if k != "wantrain.profile"}
+def load_init_from(run) -> None:
+    """``[target] init_from``: copy an existing LoRA (any layout
+    :func:`wantrain.formats.lora.read_lora_sources` reads) into the freshly
+    attached adapters (before ``after_adapters_attached``; a resumed run then
+    overwrites them)."""
+    value = run.profile.target.init_from
+    if not value:
+        return
+    path = run.profile.resolve_path(value)
+    sources = read_lora_sources(path, run.trained, where="target.init_from")
+    for expert in run.trained:
+        w = sources.get(expert)
+        if w is None:
+            log.warning("init_from: %s holds no %s weights; that expert starts fresh", path, expert)
+            continue
+        if w.skipped:
+            log.warning("init_from: ignoring %d tensors wantrain does not train (e.g. %s)", len(w.skipped), w.skipped[0])
+        _check_layers(run.experts[expert], w, "target.init_from")
+        state = fit_to_target(w, run.profile.target)
+        load_lora_state(run.experts[expert], state)
+        log.info("init_from: %s starts from %s (%s layout, %d modules)", expert, w.source or path, w.layout, len(w.modules))

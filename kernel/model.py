@@ -4,6 +4,9 @@ tiny random model used by tests and the CPU demo.
 Layout (Diffusers): ``transformer`` = high-noise expert, ``transformer_2`` =
 low-noise expert, ``vae`` (AutoencoderKLWan), ``text_encoder`` (UMT5),
 ``tokenizer``, ``scheduler``, and ``boundary_ratio`` in ``model_index.json``.
+
+diffusers, transformers and accelerate are imported inside the functions that
+use them: they take seconds to import, and ``wantrain check`` loads no model.
 """
 
 from __future__ import annotations
@@ -104,6 +107,17 @@ def load_expert(src: ModelSource, expert: str, dtype: torch.dtype) -> torch.nn.M
     )
     module.requires_grad_(False).eval()
     return module
+
+
+def build_empty(config: dict[str, Any]) -> torch.nn.Module:
+    """An expert from its ``config.json`` on the ``meta`` device (buffers such
+    as the RoPE tables stay real): for streaming loaders and for counting."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights(include_buffers=False):
+        return WanTransformer3DModel.from_config(config)
 
 
 def load_vae(src: ModelSource) -> torch.nn.Module:

@@ -238,8 +238,30 @@ class Profile:
     def plugin_config(self, name: str) -> Any:
         return self.plugins.configs.get(name)
 
+    @property
+    def base_dir(self) -> Path | None:
+        """The folder of the profile file (None when built in code)."""
+        return Path(self.source).resolve().parent if self.source else None
+
+    def resolve_path(self, value: str | Path) -> Path:
+        """A path written in the profile (see :func:`resolve_beside`)."""
+        return resolve_beside(value, self.base_dir)
+
     def to_toml(self) -> str:
         return dump_toml(self.raw)
+
+
+def resolve_beside(value: str | Path, base_dir: Path | None) -> Path:
+    """Every path a profile holds (dataset folders, init_from, plugin files,
+    ARA files, cache folders) is resolved this one way: ``~`` expanded; an
+    absolute path, or one that exists from the current folder, as it is;
+    otherwise the path beside the profile file (``base_dir``) when that
+    exists; else as written, so an error names what the user wrote."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or base_dir is None:
+        return path
+    beside = base_dir / path
+    return beside if beside.exists() else path
 
 
 KERNEL_SECTIONS = {
@@ -318,9 +340,6 @@ def _problems_from(exc: BaseException, where: str, cls: type | None, value: Any)
         return [ProfileProblem(where, exc.what, exc.got, exc.fix)]
     if isinstance(exc, ValueError) and str(exc):
         return [ProfileProblem(where, str(exc), value)]
-    if isinstance(exc, TypeError) and "missing" in str(exc):
-        missing = str(exc).split("argument")[-1].strip(": '")
-        return [ProfileProblem(where, f"{missing} is required", fix=f"add {missing} = ...")]
     return [ProfileProblem(where, f"invalid value ({type(exc).__name__}: {exc})", value)]
 
 
@@ -381,13 +400,11 @@ def _run_validators(obj: Any, where: str) -> list[ProfileProblem]:
 
 
 def _placeholder(cls: type, name: str) -> Any:
-    field = attrs.fields_dict(cls)[name]
-    placeholders = {int: 1, float: 1.0, bool: False, str: "x"}
-    return placeholders.get(field.type, "x") if not isinstance(field.type, str) else _placeholder_from_str(field.type)
-
-
-def _placeholder_from_str(type_name: str) -> Any:
-    return {"int": 1, "float": 1.0, "bool": False, "str": "x"}.get(type_name, "x")
+    """A stand-in of the field's type for a missing or ill-typed value, so the
+    other fields' validators can still run. The annotation is a string until
+    cattrs has resolved the class's types, the type itself afterwards."""
+    kind = attrs.fields_dict(cls)[name].type
+    return {"int": 1, "float": 1.0, "bool": False, "str": "x"}.get(getattr(kind, "__name__", kind), "x")
 
 
 # --------------------------------------------------------------------------
@@ -559,10 +576,10 @@ def _base_dir(path) -> Path:
 
 def _cross_checks(profile: Profile) -> list[ProfileProblem]:
     problems = []
-    t = profile.training
-    if t.warmup_steps >= t.steps and t.warmup_steps > 0:
+    tcfg = profile.training
+    if tcfg.warmup_steps >= tcfg.steps and tcfg.warmup_steps > 0:
         problems.append(
-            ProfileProblem("training.warmup_steps", "must be smaller than training.steps", t.warmup_steps, f"use fewer than {t.steps}")
+            ProfileProblem("training.warmup_steps", "must be smaller than training.steps", tcfg.warmup_steps, f"use fewer than {tcfg.steps}")
         )
     unknown = [m for m in profile.target.modules if m not in LORA_MODULES]
     for m in unknown:
@@ -570,8 +587,3 @@ def _cross_checks(profile: Profile) -> list[ProfileProblem]:
         fix = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(LORA_MODULES)
         problems.append(ProfileProblem("target.modules", "unknown LoRA target", m, fix))
     return problems
-
-
-def with_changes(profile: Profile, **sections: Any) -> Profile:
-    """A copy of ``profile`` with whole sections replaced (tests, tools)."""
-    return attrs.evolve(profile, **sections)

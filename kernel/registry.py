@@ -31,7 +31,7 @@ import pluggy
 
 from . import PROJECT, hookspecs
 from .errors import PluginError, ProfileProblem
-from .profile import structure_section
+from .profile import resolve_beside, structure_section
 
 log = logging.getLogger("wantrain")
 ENTRY_POINT_GROUP = "wantrain.plugins"
@@ -77,9 +77,7 @@ def _wrap(name: str, obj: Any) -> ModuleType:
 
 
 def _load_file(name: str, base_dir: Path | None) -> ModuleType:
-    path = Path(name)
-    if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
+    path = resolve_beside(name, base_dir)
     if not path.is_file():
         raise PluginError(ProfileProblem("plugins.enabled", "plugin file not found", str(path), "check the path (relative to the profile)"))
     mod_name = f"wantrain_user_plugin_{path.stem}"
@@ -115,7 +113,7 @@ def structure_plugins(table: Any, base_dir: Path) -> tuple[tuple[str, ...], dict
     problems: list[ProfileProblem] = []
     enabled = table.get("enabled", [])
     if not isinstance(enabled, list) or not all(isinstance(n, str) for n in enabled):
-        return (), {}, [ProfileProblem("plugins.enabled", "must be an array of strings", enabled, 'write enabled = ["sample"]')]
+        return (), {}, [ProfileProblem("plugins.enabled", "must be an array of strings", enabled, 'write enabled = ["my_plugin.py"]')]
     dupes = sorted({n for n in enabled if enabled.count(n) > 1})
     problems += [ProfileProblem("plugins.enabled", "listed twice", n, "list each plugin once") for n in dupes]
     configs: dict[str, Any] = {}
@@ -160,16 +158,19 @@ def instantiate(name: str, config: Any, base_dir: Path | None = None) -> Any:
     return cls(config) if config_class(module) is not None else cls()
 
 
-def make_plugin_manager(profile, core: Any | None = None) -> pluggy.PluginManager:
+def make_plugin_manager(profile, core: Any | None = None, extra: dict[str, Any] | None = None) -> pluggy.PluginManager:
     """A plugin manager with the kernel's fallbacks and the profile's plugins
-    registered (each under its profile name), checked for misspelled hooks."""
+    registered (each under its profile name), then ``extra`` (name -> plugin),
+    checked for misspelled hooks."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     if core is not None:
         pm.register(core, name="wantrain.core")
-    base_dir = Path(profile.source).resolve().parent if profile.source else None
+    base_dir = profile.base_dir
     for name in profile.plugins.enabled:
         pm.register(instantiate(name, profile.plugins.configs.get(name), base_dir), name=name)
+    for name, plugin in (extra or {}).items():
+        pm.register(plugin, name=name)
     check(pm)
     if os.environ.get("WANTRAIN_TRACE_HOOKS") == "1":
         trace_hooks(pm)
@@ -204,6 +205,44 @@ def trace_hooks(pm: pluggy.PluginManager) -> None:
         pass
 
     pm.add_hookcall_monitoring(before, after)
+
+
+def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> dict[str, Any]:
+    """Call one event on each plugin separately: ``{registered name: result}``
+    (None answers left out), in registration order (the profile's order). For
+    events whose answers belong to the plugin that gave them -- resume state,
+    estimate notes -- so that the kernel, not the plugin, keys them by name.
+    Each call goes through pluggy (tracing included)."""
+    out: dict[str, Any] = {}
+    names = [i.plugin_name for i in getattr(pm.hook, hook_name).get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+    for name in dict.fromkeys(names):
+        others = [plugin for other, plugin in pm.list_name_plugin() if other != name]
+        found = [r for r in pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs) if r is not None]
+        if found:
+            out[name] = found[0]
+    return out
+
+
+def catalogue(profile=None) -> pluggy.PluginManager:
+    """Every available plugin module (built-in, entry points, and the
+    profile's own), registered as a module: its module-level hook functions
+    answer events that concern plugins whether or not a profile enables them
+    -- commands they add to the CLI (``add_commands``), remedies for a run
+    that does not fit (``memory_remedies``), weights they keep in a
+    checkpoint (``checkpoint_weights``). Nothing is instantiated."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    base_dir = profile.base_dir if profile is not None else None
+    names = builtin_names() + entry_point_names() + list(profile.plugins.enabled if profile is not None else ())
+    for name in dict.fromkeys(names):
+        try:
+            module = resolve(name, base_dir)
+        except Exception as exc:  # noqa: BLE001 - a broken third-party plugin must not take the CLI down
+            log.warning("plugin %s could not be imported (%s); its commands and remedies are missing", name, exc)
+            continue
+        if isinstance(module, ModuleType) and pm.get_plugin(name) is None and not pm.is_registered(module):
+            pm.register(module, name=name)
+    return pm
 
 
 def implemented_events(pm: pluggy.PluginManager, plugin: Any) -> list[str]:

@@ -1,6 +1,6 @@
 """Resume state: capture, write atomically, find, check and restore; graceful stop.
 
-One checkpoint of step ``k`` is (DESIGN §6)::
+One checkpoint of step ``k`` is (docs/checkpoints.md)::
 
     <output_dir>/<name>_<k:09d>_high_noise.safetensors   LoRA pair, checkpoint dtype
     <output_dir>/<name>_<k:09d>_low_noise.safetensors
@@ -39,21 +39,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import attrs
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import lora
+from . import lora, registry
 from .errors import ProfileProblem, WantrainError
+from .formats import safetensors as st
+from .formats import state as state_files
+from .formats.state import FORMAT, LORA_FILE, STATE_JSON, TENSORS_FILE, VERSION, decode_tree, encode_tree
 
 log = logging.getLogger("wantrain")
 
 CHECKPOINTS = "checkpoints"
-STATE_JSON = "state.json"
-LORA_FILE = "lora.safetensors"
-TENSORS_FILE = "tensors.safetensors"
-FORMAT = "wantrain.resume"
-VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 _STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})_(?P<expert>high_noise|low_noise)(?:_[a-z]+)?\.safetensors$")
 
@@ -72,60 +69,6 @@ def step_files(output_dir: Path, name: str, step: int) -> list[Path]:
     """The LoRA files of one save (the pair, and extras such as EMA's ``_raw`` copies)."""
     return [p for p in Path(output_dir).glob(f"{glob.escape(name)}_{step:09d}_*.safetensors")
             if (m := _STEP_FILE.match(p.name)) and m["name"] == name]
-
-
-# ---------------------------------------------------------------- the state tree
-
-
-def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
-    """A JSON-able copy of ``obj``; tensors are moved into ``tensors`` and
-    replaced by ``{"__tensor__": key}``."""
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().contiguous()
-        return {"__tensor__": path}
-    if isinstance(obj, np.ndarray):
-        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
-        return {"__ndarray__": path, "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, torch.dtype):
-        return {"__dtype__": str(obj).removeprefix("torch.")}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: encode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__dict__": [[encode_tree(k, tensors, f"{path}.k{i}"), encode_tree(v, tensors, f"{path}.{i}")]
-                             for i, (k, v) in enumerate(obj.items())]}
-    raise TypeError(f"cannot store a {type(obj).__name__} in the resume state (at {path or 'the top'}); "
-                    "return tensors, numbers, strings, lists or dicts from state_dict")
-
-
-def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`encode_tree`."""
-    if isinstance(obj, list):
-        return [decode_tree(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if "__ndarray__" in obj:
-        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
-    if "__dtype__" in obj:
-        return getattr(torch, obj["__dtype__"])
-    if "__tuple__" in obj:
-        return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
-    if "__dict__" in obj:
-        return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in obj["__dict__"]}
-    return {k: decode_tree(v, tensors) for k, v in obj.items()}
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(key) if isinstance(key, list) else key
 
 
 # ---------------------------------------------------------------- profile snapshot
@@ -206,16 +149,7 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 def read_checkpoint(path: Path) -> Checkpoint:
     """Parse a checkpoint folder's state.json; WantrainError when it is not one."""
     path = Path(path)
-    try:
-        state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WantrainError(ProfileProblem(
-            "--resume", "is not a checkpoint folder (no state.json)", str(path),
-            "give a <output_dir>/checkpoints/step_<N> folder; to start from a LoRA file use [target] init_from")) from None
-    except (OSError, ValueError) as exc:
-        raise WantrainError(ProfileProblem("--resume", f"unreadable checkpoint ({exc})", str(path))) from None
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise WantrainError(ProfileProblem("--resume", "not a wantrain resume state of a known version", str(path)))
+    state = state_files.read_doc(path, "--resume")
     return Checkpoint(path=path, step=int(state["step"]), state=state)
 
 
@@ -289,9 +223,7 @@ def remove_partial_saves(output_dir: Path, resumed_step: int, name: str) -> None
 
 def capture(run) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state.json document, its tensors, fp32 LoRA weights) of the run now."""
-    plugins: dict[str, Any] = {}
-    for found in run.pm.hook.state_dict(run=run):
-        plugins.update(found or {})
+    plugins = registry.call_each(run.pm, "state_dict", run=run)  # keyed by registered name
     tree = {
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.lr_scheduler.state_dict(),
@@ -324,20 +256,6 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_state(run, step: int) -> Path:
     """Write ``checkpoints/step_<step>/`` atomically; return its path."""
     doc, tensors, weights = capture(run)
@@ -349,12 +267,7 @@ def write_state(run, step: int) -> Path:
     try:
         meta = {"format": "pt", "wantrain.step": str(step), "wantrain.rank": str(run.profile.target.rank),
                 "wantrain.alpha": f"{run.profile.target.alpha:g}", "wantrain.experts": ",".join(run.trained)}
-        save_file(weights, str(tmp / LORA_FILE), metadata=meta)
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-        (tmp / STATE_JSON).write_text(json.dumps(doc), encoding="utf-8")
-        for f in (LORA_FILE, TENSORS_FILE, STATE_JSON):
-            _fsync(tmp / f)
-        _fsync(tmp)
+        state_files.write_files(tmp, doc, tensors, weights, meta)  # each file atomic + fsynced, then the folder
         _commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -368,7 +281,7 @@ def _commit_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync(final.parent)
+    st.fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -416,7 +329,7 @@ def _write_failed(run, code: int, what: str) -> WantrainError:
     reason = "disk full" if code in (errno.ENOSPC, errno.EDQUOT) else os.strerror(code).lower()
     return WantrainError(ProfileProblem(
         "job.output_dir", f"{reason} while writing {what}", str(run.output_dir),
-        "free space (or lower [plugins.checkpoints] keep) and run the same command again to resume"))
+        "free space (or keep fewer checkpoints) and run the same command again to resume"))
 
 
 # ---------------------------------------------------------------- restore
@@ -439,8 +352,20 @@ def restore(run, ckpt: Checkpoint | None) -> None:
     _apply_profile_hyperparameters(run, fresh)
     run.data.load_state_dict(tree["data"])
     run.step = ckpt.step
-    run.pm.hook.load_state_dict(run=run, state=tree["plugins"])
+    load_plugin_states(run, tree["plugins"])
     run.set_rng_state(tree["rng"])
+
+
+def load_plugin_states(run, states: dict[str, Any]) -> None:
+    """Hand each plugin the state saved under its registered name; an entry
+    whose plugin is no longer enabled is reported and left alone."""
+    loaders = {i.plugin_name for i in run.pm.hook.load_state_dict.get_hookimpls()}
+    for name, plugin in run.pm.list_name_plugin():
+        if name in states and name in loaders:
+            others = [p for other, p in run.pm.list_name_plugin() if other != name]
+            run.pm.subset_hook_caller("load_state_dict", remove_plugins=others)(run=run, state=states[name])
+    for name in sorted(set(states) - loaders):
+        log.warning("resume: the checkpoint holds state of plugin %r, which this run does not load; ignored", name)
 
 
 def _apply_profile_hyperparameters(run, fresh: list[dict]) -> None:

@@ -40,6 +40,7 @@ import attrs
 
 from wantrain import hookimpl, resume
 from wantrain.profile import non_negative, one_of, positive
+from wantrain.run import Run
 
 log = logging.getLogger("wantrain.checkpoints")
 
@@ -83,12 +84,12 @@ class Plugin:
     # trylast: after `sample` and any other on_step impl that may draw from the
     # global RNG, so the saved RNG state is exactly what the next step sees
     @hookimpl(trylast=True)
-    def on_step(self, run, step):
+    def on_step(self, run: Run, step):
         if is_due(step, run.profile.training.steps, self.config.every, run.stop_requested):
             paths = resume.save_checkpoint(run, step, dtype=self.config.dtype)
             log.info("checkpoint step %d: %s", step, ", ".join(Path(p).name for p in paths.values()))
 
     @hookimpl
-    def on_save(self, run, step, paths):
+    def on_save(self, run: Run, step, paths):
         if "state" in paths:
             rotate(run.output_dir, run.name, self.config.keep)

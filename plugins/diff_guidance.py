@@ -32,6 +32,7 @@ import torch
 
 from wantrain import hookimpl
 from wantrain.profile import positive
+from wantrain.run import Run
 
 
 @attrs.frozen(kw_only=True)
@@ -50,5 +51,5 @@ class Plugin:
         self.config = config
 
     @hookimpl
-    def compute_target(self, run, pred, target):
+    def compute_target(self, run: Run, pred, target):
         return guided_target(pred, target, self.config.scale)

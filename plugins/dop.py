@@ -39,6 +39,7 @@ import torch
 from wantrain import hookimpl
 from wantrain.errors import ProfileProblem
 from wantrain.profile import non_empty, non_negative
+from wantrain.run import Run
 
 TRIGGER = "[trigger]"
 
@@ -51,7 +52,7 @@ class Config:
     preservation_class: str = attrs.field(default="person", validator=non_empty)
 
 
-def problems_of(profile) -> list[ProfileProblem]:
+def profile_problems(config: Config, profile) -> list[ProfileProblem]:
     if not profile.job.trigger_word:
         return [ProfileProblem("plugins.dop", "needs job.trigger_word (DOP replaces the trigger by the class)",
                                fix='set [job] trigger_word = "sks"')]
@@ -100,12 +101,12 @@ class Plugin:
 
     @hookimpl
     def check_profile(self, profile):
-        return problems_of(profile)
+        return profile_problems(self.config, profile)
 
     @hookimpl
-    def caption_variants(self, run, template):
+    def caption_variants(self, run: Run, template):
         return [class_caption(template, run.profile.job.trigger_word, self.config.preservation_class)]
 
     @hookimpl
-    def compute_extra_losses(self, run, batch, ctx):
+    def compute_extra_losses(self, run: Run, batch, ctx):
         return {"preservation": preservation_loss(run, batch, ctx, self.config)}

@@ -26,9 +26,16 @@ are always restored, also when saving or rendering fails):
 Resume: ``state_dict`` returns the shadow tensors (by LoRA parameter name)
 and the per-expert update counts; ``load_state_dict`` puts them back.
 
+Export: ``wantrain export --ema checkpoints/step_N`` writes a checkpoint's
+shadow instead of its raw weights -- this module adds the ``--ema`` option
+(``add_commands``) and hands the shadow out of the saved state
+(``checkpoint_weights``), both module-level: they work whether or not a
+profile enables the plugin.
+
 Events: ``after_adapters_attached`` (shadow = initial weights),
 ``after_optimizer_step`` (update), ``write_lora`` and ``generate_samples``
-(wrappers), ``state_dict`` / ``load_state_dict``.
+(wrappers), ``state_dict`` / ``load_state_dict``; module-level
+``add_commands`` and ``checkpoint_weights``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import attrs
@@ -136,7 +144,7 @@ def raw_name(path: str) -> Path:
 
 def write_raw_copies(run, step, folder: str, dtype: str | None = None) -> dict[str, str]:
     """The raw weights under ``<usual name>_raw.safetensors`` (kernel writer, then renamed)."""
-    from wantrain.context import write_lora_pair
+    from wantrain.run import write_lora_pair
 
     staging = Path(folder) / f".ema_raw_{os.getpid()}"
     try:
@@ -154,9 +162,30 @@ def write_raw_copies(run, step, folder: str, dtype: str | None = None) -> dict[s
             staging.rmdir()
 
 
-def _name(run, plugin) -> str:
-    """The name the plugin is registered under (its state's key), "ema" if unregistered."""
-    return run.pm.get_name(plugin) or "ema"
+def shadow_weights(states) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The shadow a checkpoint holds (``states``: plugin states by registered
+    name; this plugin's entry preferred), in the kernel's LoRA names
+    (``blocks.1.ffn.net.2.lora_B.weight``: peft's ``.default`` removed)."""
+    candidates = [states.get("ema"), *states.values()]
+    for entry in candidates:
+        if isinstance(entry, dict) and isinstance(entry.get("shadow"), dict):
+            return {expert: {re.sub(r"\.default(?=\.weight$)", "", name): t for name, t in tensors.items()}
+                    for expert, tensors in entry["shadow"].items()}
+    return None
+
+
+@hookimpl
+def checkpoint_weights(states, variant):
+    """``wantrain export --ema``: the shadow of a checkpoint."""
+    return shadow_weights(states) if variant == "ema" else None
+
+
+@hookimpl
+def add_commands(subparsers, commands):
+    """``--ema`` for ``wantrain export``."""
+    if "export" in commands:
+        commands["export"].add_argument("--ema", dest="variant", action="store_const", const="ema",
+                                        help="export the checkpoint's EMA weights (checkpoint folders only)")
 
 
 class Plugin:
@@ -190,11 +219,10 @@ class Plugin:
             return (yield)
 
     @hookimpl
-    def state_dict(self, run):
-        return {_name(run, self): self.shadow.state()} if self.shadow is not None else None
+    def state_dict(self):
+        return self.shadow.state() if self.shadow is not None else None
 
     @hookimpl
-    def load_state_dict(self, run, state):
-        mine = state.get(_name(run, self))
-        if mine and self.shadow is not None:
-            self.shadow.load(mine)
+    def load_state_dict(self, state):
+        if self.shadow is not None:
+            self.shadow.load(state)

@@ -55,9 +55,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from wantrain import hookimpl
+from wantrain.data.media import MediaError
 from wantrain.errors import ProfileProblem
-from wantrain.media import MediaError
 from wantrain.profile import one_of
+from wantrain.run import Run
 
 log = logging.getLogger("wantrain.latent_cache")
 
@@ -199,12 +200,19 @@ def make_stores(config: Config, profile, data, identity: str) -> dict[int, Laten
     stores = {}
     for ds in data.datasets:
         if ds.config.cache_latents:
-            folder = Path(config.folder) if config.folder else Path(ds.folder) / CACHE_DIR
+            folder = profile.resolve_path(config.folder) if config.folder else Path(ds.folder) / CACHE_DIR
             stores[ds.index] = LatentStore(folder, identity, dtype)
     return stores
 
 
 # ---------------------------------------------------------------- the plugin
+
+
+def profile_problems(config: Config, profile) -> list[ProfileProblem]:
+    if profile.datasets and not cached_datasets(profile):
+        return [ProfileProblem("plugins.latent_cache", "is enabled but no dataset sets cache_latents = true",
+                               fix="add cache_latents = true to the [[datasets]] to cache, or disable latent_cache")]
+    return []
 
 
 class Plugin:
@@ -213,14 +221,15 @@ class Plugin:
         self.stores: dict[int, LatentStore] = {}
 
     @hookimpl
-    def check_profile(self, profile):
-        if profile.datasets and not cached_datasets(profile):
-            return [ProfileProblem("plugins.latent_cache", "is enabled but no dataset sets cache_latents = true",
-                                   fix="add cache_latents = true to the [[datasets]] to cache, or disable latent_cache")]
-        return []
+    def estimate_memory(self):
+        return {"latents_cached": True, "note": "latents cached before training; the VAE leaves the GPU"}
 
     @hookimpl
-    def on_run_start(self, run):
+    def check_profile(self, profile):
+        return profile_problems(self.config, profile)
+
+    @hookimpl
+    def on_run_start(self, run: Run):
         from wantrain import data as wdata, model
 
         self.stores = make_stores(self.config, run.profile, run.data, vae_identity(run))
@@ -239,7 +248,7 @@ class Plugin:
             log.info("latent_cache: every dataset is cached; the VAE left %s", run.device)
 
     @hookimpl
-    def encode_videos(self, run, batch):
+    def encode_videos(self, run: Run, batch):
         if not self.stores or any(d not in self.stores for d in batch.dataset_index):
             return None
         from wantrain import data as wdata, model
@@ -254,3 +263,12 @@ class Plugin:
                 self.stores[spec.dataset].put(key, latents, spec.path, wdata.file_hash(spec.path))
             out.append(latents)
         return torch.stack(out).to(run.device)
+
+
+@hookimpl
+def memory_remedies(memory):
+    from wantrain.commands.estimate import Remedy
+
+    if memory.latents_cached:
+        return []
+    return [Remedy(20, 'enable the "latent_cache" plugin and cache_latents = true (VAE off the GPU)', {"latents_cached": True})]

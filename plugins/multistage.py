@@ -37,6 +37,7 @@ import attrs
 from wantrain import hookimpl
 from wantrain.errors import ProfileProblem
 from wantrain.profile import in_range, positive
+from wantrain.run import Run
 
 log = logging.getLogger("wantrain.multistage")
 
@@ -61,7 +62,7 @@ class Config:
         return [e for e in EXPERTS if getattr(self, e)]
 
 
-def problems_of(config: Config) -> list[ProfileProblem]:
+def profile_problems(config: Config, profile) -> list[ProfileProblem]:
     if not config.experts:
         return [ProfileProblem("plugins.multistage", "trains no expert (high_noise and low_noise are both false)",
                                fix="set high_noise = true or low_noise = true")]
@@ -94,11 +95,6 @@ def advance(position: Position, experts: list[str], switch_every: int, step: int
     return position.expert
 
 
-def _name(run, plugin) -> str:
-    """The name the plugin is registered under (its state's key), "multistage" if unregistered."""
-    return run.pm.get_name(plugin) or "multistage"
-
-
 class Plugin:
     def __init__(self, config: Config):
         self.config = config
@@ -106,28 +102,26 @@ class Plugin:
 
     @hookimpl
     def check_profile(self, profile):
-        return problems_of(self.config)
+        return profile_problems(self.config, profile)
 
     @hookimpl
     def trained_experts(self, profile):
         return self.config.experts
 
     @hookimpl
-    def after_adapters_attached(self, run):
+    def after_adapters_attached(self, run: Run):
         if self.config.boundary is not None and self.config.boundary != run.boundary:
             log.info("multistage: boundary %.4g (the model says %.4g)", self.config.boundary, run.boundary)
             run.boundary = self.config.boundary
 
     @hookimpl
-    def select_expert(self, run, step):
+    def select_expert(self, run: Run, step):
         return advance(self.position, self.config.experts, self.config.switch_every, step)
 
     @hookimpl
-    def state_dict(self, run):
-        return {_name(run, self): {"expert": self.position.expert, "since": self.position.since}}
+    def state_dict(self):
+        return {"expert": self.position.expert, "since": self.position.since}
 
     @hookimpl
-    def load_state_dict(self, run, state):
-        mine = state.get(_name(run, self))
-        if mine:
-            self.position = Position(expert=mine.get("expert"), since=int(mine.get("since", 0)))
+    def load_state_dict(self, state):
+        self.position = Position(expert=state.get("expert"), since=int(state.get("since", 0)))

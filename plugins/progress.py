@@ -28,6 +28,7 @@ import attrs
 
 from wantrain import hookimpl
 from wantrain.profile import in_range, one_of, positive
+from wantrain.run import Run
 
 log = logging.getLogger("wantrain.progress")
 
@@ -114,7 +115,7 @@ class Plugin:
         return bool(getattr(self.stream, "isatty", lambda: False)())
 
     @hookimpl
-    def on_run_start(self, run):
+    def on_run_start(self, run: Run):
         total = run.profile.training.steps
         self.tracker = Tracker(total=total, smoothing=self.config.smoothing)
         self.tracker.start(self.clock())
@@ -132,7 +133,7 @@ class Plugin:
                         bar_format=BAR_FORMAT, smoothing=0)
 
     @hookimpl
-    def on_step(self, run, step, metrics):
+    def on_step(self, run: Run, step, metrics):
         if self.tracker is None:
             return
         now = self.clock()

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from wantrain import hookimpl
-from wantrain.media import probe_video, read_frames
+from wantrain.data.media import probe_video, read_frames
 from wantrain.profile import positive
+from wantrain.run import Run
 
 log = logging.getLogger("wantrain.tensorboard")
 
@@ -120,7 +121,7 @@ class Plugin:
         return result
 
     @hookimpl
-    def on_step(self, run, step, metrics):
+    def on_step(self, run: Run, step, metrics):
         if self.writer is None:
             return
         if step % self.config.every == 0:
@@ -154,11 +155,11 @@ class Plugin:
             self.writer.flush()
 
     @hookimpl
-    def on_run_end(self, run):
+    def on_run_end(self, run: Run):
         self.close(run.step)
 
     @hookimpl
-    def on_exception(self, run):
+    def on_exception(self, run: Run):
         try:
             self.close(run.step)
         except Exception as exc:  # noqa: BLE001 - on_exception must not raise

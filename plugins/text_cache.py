@@ -50,8 +50,10 @@ import attrs
 import torch
 from safetensors import safe_open
 
-from wantrain import hookimpl, lora, model
+from wantrain import hookimpl, model
 from wantrain.errors import WantrainError
+from wantrain.formats.safetensors import write_atomic
+from wantrain.run import Run
 
 log = logging.getLogger("wantrain.text_cache")
 
@@ -131,7 +133,7 @@ class Store:
     def put(self, text: str, states: torch.Tensor) -> None:
         trimmed = trim(states.detach().cpu())
         meta = {"text": text, "identity": self.identity}
-        lora.write_atomic({"states": trimmed}, self.path(text), meta)
+        write_atomic({"states": trimmed}, self.path(text), meta)
         self.memory[text] = trimmed
         self.encoded += 1
 
@@ -198,9 +200,15 @@ class Plugin:
         self.aliases: dict[str, str] = {}
         self.unloaded = False
 
+    @hookimpl
+    def estimate_memory(self):
+        unload = self.config.unload
+        return {"text_states_cached": True, "text_encoder_unloaded": unload,
+                "note": "text states cached before training; the encoder leaves the GPU" + (" and is unloaded" if unload else "")}
+
     def _open(self, run) -> Store:
         if self.store is None:
-            folder = Path(self.config.folder) if self.config.folder else run.output_dir / "cache" / "text_embeddings"
+            folder = run.profile.resolve_path(self.config.folder) if self.config.folder else run.output_dir / "cache" / "text_embeddings"
             self.store = Store(folder, encoder_identity(run), run.profile.model.max_sequence_length)
         return self.store
 
@@ -234,7 +242,16 @@ class Plugin:
                 torch.cuda.empty_cache()
 
     @hookimpl
-    def encode_prompts(self, run, prompts):
+    def encode_prompts(self, run: Run, prompts):
         texts = [self.aliases.get(p, p) for p in prompts]
         self._encode_missing(run, texts)
         return self.store.stack(texts, run.device, run.dtype)
+
+
+@hookimpl
+def memory_remedies(memory):
+    from wantrain.commands.estimate import Remedy
+
+    if memory.text_states_cached:
+        return []
+    return [Remedy(10, 'enable the "text_cache" plugin (text encoder off the GPU after caching)', {"text_states_cached": True})]

@@ -54,6 +54,7 @@ import torch
 from wantrain import hookimpl
 from wantrain.errors import ProfileProblem
 from wantrain.profile import one_of, positive
+from wantrain.run import Run
 
 log = logging.getLogger("wantrain.timesteps")
 
@@ -193,7 +194,7 @@ def draw(dist: Distribution, lo_t: float, hi_t: float, batch_size: int, generato
 # ---------------------------------------------------------------- checks
 
 
-def problems_of(config: Config) -> list[ProfileProblem]:
+def profile_problems(config: Config, profile) -> list[ProfileProblem]:
     """Keys that the chosen ``type`` would silently ignore."""
     used = KEYS_OF_TYPE[config.type]
     out = []
@@ -215,15 +216,15 @@ class Plugin:
 
     @hookimpl
     def check_profile(self, profile):
-        return problems_of(self.config)
+        return profile_problems(self.config, profile)
 
     @hookimpl
-    def on_run_start(self, run):
+    def on_run_start(self, run: Run):
         shares = ", ".join(f"{e} {100 * mass_between(self.dist, *run.expert_range(e)):.1f}%" for e in run.trained)
         log.info("timesteps: %s, bias %s; share of the distribution in each trained expert's range: %s",
                  self.config.type, self.config.bias, shares)
 
     @hookimpl
-    def sample_timesteps(self, run, expert, batch_size, generator):
+    def sample_timesteps(self, run: Run, expert, batch_size, generator):
         lo, hi = run.expert_range(expert)
         return draw(self.dist, lo, hi, batch_size, generator, include_hi=(expert == "high_noise"))

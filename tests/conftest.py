@@ -31,14 +31,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from wantrain.tiny import make_tiny_model
+    from wantrain.commands.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from wantrain.media import write_demo_data
+    from wantrain.data.demo import write_demo_data
 
     folder = tmp_path_factory.mktemp("demo_data")
     write_demo_data(folder, seed=0)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wantrain.media import moving_shapes, write_video
+from wantrain.data.demo import moving_shapes
+from wantrain.data.media import write_video
 from wantrain.profile import DatasetConfig, JobConfig, Profile, PluginsConfig
 
 __all__ = ["bad_media", "letterboxed"]  # the fixtures `from conftest_data import *` brings in

@@ -13,7 +13,7 @@ from wantrain import model
 
 
 def wantrain(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "wantrain.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "wantrain", *args], capture_output=True, text=True, **kw)
 
 
 def test_make_tiny_model_layout_and_seed(tmp_path):

@@ -15,8 +15,9 @@ from PIL import Image
 
 from wantrain import data
 from wantrain.data import Item, build_train_data, bucket_for, fps_indices, uniform_indices
+from wantrain.data.demo import moving_shapes
+from wantrain.data.media import read_frames, write_video
 from wantrain.errors import DataError
-from wantrain.media import moving_shapes, read_frames, write_video
 from wantrain.profile import DatasetConfig
 
 

@@ -11,9 +11,10 @@ import torch
 from conftest_data import BAD_MEDIA, CONVERTED, caption, make_profile, write_clip
 from PIL import Image
 
-from wantrain.data import build_train_data, dataset_command
+from wantrain.commands.dataset import dataset_command
+from wantrain.data import build_train_data
+from wantrain.data.demo import moving_shapes
 from wantrain.errors import DataError
-from wantrain.media import moving_shapes
 from wantrain.profile import DatasetConfig
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from wantrain import estimate as est
+from wantrain.commands import estimate as est
+from wantrain.plugins.quantize import WEIGHT_BYTES
+from wantrain.plugins.quantize.loader import DEFAULT_EXCLUDE
 from wantrain.profile import DEFAULT_MODEL, LORA_MODULES, load_profile
+from wantrain.run import open_run
 
 # dim 16 (2 heads x 8), ffn 32, one block, patch 1x2x2
 HAND = dict(
@@ -17,16 +20,16 @@ HAND = dict(
 
 
 def test_counts_checked_by_hand():
-    c = est.count_transformer(HAND, "qint4", est.quant.DEFAULT_EXCLUDE, LORA_MODULES)
+    c = est.count_transformer(HAND, True, DEFAULT_EXCLUDE, LORA_MODULES)
     # 8 attention linears 16x16 + ffn 16->32 and 32->16: 8*256 + 2*512 weights
     assert c.quantized == 3072
     # sum of (in + out): 8 * 32 + 2 * 48
     assert c.quantized_io == 352 and c.lora_io == 352
     assert (c.dim, c.ffn, c.blocks, c.patch) == (16, 32, 1, 4)
-    s = est.Settings(transformer="qint4", rank=4, modules=LORA_MODULES)
+    s = est.Settings(weight_bytes=WEIGHT_BYTES["qint4"], quantize_exclude=DEFAULT_EXCLUDE, rank=4, modules=LORA_MODULES)
     assert est.expert_weight_bytes(s, c) == 3072 * 0.53125 + 2 * c.other + 4 * c.fp32
     # nothing is quantized without the plugin
-    assert est.count_transformer(HAND, "none", est.quant.DEFAULT_EXCLUDE, LORA_MODULES).quantized == 0
+    assert est.count_transformer(HAND, False, DEFAULT_EXCLUDE, LORA_MODULES).quantized == 0
 
 
 def test_activations_checked_by_hand():
@@ -35,7 +38,7 @@ def test_activations_checked_by_hand():
     # bf16 with fp32 LoRA on all ten targets: 80 d + 8 f per video token, 20 d per text token
     assert (per_token, per_text) == (80 * 16 + 8 * 32, 20 * 16)
     assert est.video_tokens(s, 4) == 9 * 64 * 64 // 4 == 9216
-    c = est.count_transformer(HAND, "none", (), LORA_MODULES)
+    c = est.count_transformer(HAND, False, (), LORA_MODULES)
     outside, work = 9216 * 8 * 16, 9216 * (16 * 16 + 4 * 32)
     assert est.activation_bytes(s, c) == 1 * 9216 * 2 * 16 + 9216 * 1536 + 512 * 320 + outside + work
     no_ckpt = est.Settings(dtype="bf16", modules=LORA_MODULES, checkpointing=False)
@@ -46,7 +49,7 @@ def test_activations_checked_by_hand():
 
 
 def test_a14b_config_counts_14b_per_expert():
-    c = est.count_transformer(est.A14B_TRANSFORMER, "qint4+ara", est.quant.DEFAULT_EXCLUDE, LORA_MODULES)
+    c = est.count_transformer(est.A14B_TRANSFORMER, True, DEFAULT_EXCLUDE, LORA_MODULES)
     total = c.quantized + c.other + c.fp32
     assert 14.0e9 < total < 14.6e9
     assert c.quantized / total > 0.97  # the block linears are nearly everything
@@ -64,11 +67,14 @@ def _profile(profile_data, **plugins):
 def test_24gb_recipe_fits_and_a_naive_one_gets_suggestions(profile_data):
     recipe = _profile(profile_data, quantize={"transformer": "qint4+ara", "text_encoder": "qint8"}, offload={"experts": True},
                       text_cache={})
-    e, origin = est.estimate_profile(recipe, 24)
+    e, _, notes, origin = est.estimate_profile(recipe, open_run(recipe, purpose="inspect").pm, 24)
     assert "built-in" in origin and e.tokens == 9216
+    # each enabled plugin states its own change, in the profile's order
+    assert [n.split(":")[0] for n in notes] == ["quantize", "offload", "text_cache"]
+    assert "transformer qint4+ara, text encoder qint8" in notes[0]
     assert e.fits and 14 < e.gpu_peak < 24
     naive = _profile(profile_data)
-    bad, _ = est.estimate_profile(naive, 24)
+    bad = est.estimate_profile(naive, open_run(naive, purpose="inspect").pm, 24)[0]
     assert not bad.fits and bad.gpu_peak > 60
     assert bad.suggestions and "peak" in bad.suggestions[-1]
     last_peak = float(bad.suggestions[-1].split("peak ")[1].split(" GiB")[0])
@@ -78,7 +84,7 @@ def test_24gb_recipe_fits_and_a_naive_one_gets_suggestions(profile_data):
 def test_cli_estimate(profile_data, tmp_path, capsys):
     import tomli_w
 
-    from wantrain.cli import main
+    from wantrain.commands.cli import main
 
     data = dict(profile_data)
     data["model"] = {**data["model"], "name_or_path": DEFAULT_MODEL, "dtype": "bf16", "gradient_checkpointing": True}
@@ -91,3 +97,34 @@ def test_cli_estimate(profile_data, tmp_path, capsys):
     assert "9216 video tokens" in out and "fits: ~" in out and "transformer weights x1 (qint4+ara)" in out
     assert main(["estimate", str(path), "--vram-gb", "8"]) == 0
     assert "does not fit" in capsys.readouterr().out
+
+
+def test_a_plugin_adds_its_own_memory_lines_and_remedies(profile_data, tmp_path, capsys):
+    """``estimate_memory`` / ``memory_remedies`` are the only way memory
+    knowledge reaches the estimate: a tinkerer's plugin file uses both."""
+    import tomli_w
+
+    from wantrain.commands.cli import main
+
+    (tmp_path / "stream_all.py").write_text(
+        "from wantrain import hookimpl\n"
+        "from wantrain.commands.estimate import Remedy\n\n"
+        "@hookimpl\n"
+        "def estimate_memory(memory):\n"
+        "    return {'latents_cached': True, 'note': f'latents precomputed for {memory.frames} frames'}\n\n"
+        "@hookimpl\n"
+        "def memory_remedies(memory):\n"
+        "    return [Remedy(1, 'halve the frames (stream_all)', {'frames': memory.frames // 2 + 1})]\n")
+    data = dict(profile_data)
+    data["model"] = {**data["model"], "name_or_path": DEFAULT_MODEL, "dtype": "bf16", "gradient_checkpointing": True}
+    data["datasets"] = [{**data["datasets"][0], "resolutions": [512], "num_frames": 33}]
+    data["plugins"] = {"enabled": ["stream_all.py"]}
+    path = tmp_path / "p.toml"
+    path.write_text(tomli_w.dumps(data))
+    assert main(["estimate", str(path), "--vram-gb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "stream_all.py: latents precomputed for 33 frames" in out
+    assert "latents cached, off the GPU" in out
+    lines = out.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("does not fit"))) + 1
+    assert "halve the frames (stream_all)" in lines[first]  # order 1: before every built-in remedy

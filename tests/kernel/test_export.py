@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wantrain import export, lora
-from wantrain.cli import main as cli
+from wantrain import lora
+from wantrain.commands import export
+from wantrain.formats import lora as lora_format
+from wantrain.commands.cli import main as cli
 from wantrain.errors import WantrainError
 from wantrain.loop import load, setup, train
 from wantrain.profile import load_profile
@@ -85,6 +87,33 @@ def test_export_ema_takes_the_checkpoints_shadow(trained, tmp_path, capsys):
     assert "error: --ema: needs a checkpoint folder (checkpoints/step_N)" in capsys.readouterr().err
 
 
+def test_checkpoint_weights_come_from_the_plugin_that_keeps_them(trained, tmp_path):
+    """``checkpoint_weights`` (the EMA plugin's module-level answer) and the
+    ``--ema`` option it adds with ``add_commands``; a variant nobody keeps is one line."""
+    import argparse
+
+    from wantrain import registry
+    from wantrain.formats import state as state_files
+
+    ckpt = trained.output_dir / "checkpoints" / "step_000000002"
+    states = state_files.read_tree(ckpt, state_files.read_doc(ckpt))["plugins"]
+    hook = registry.catalogue().hook
+    shadow = hook.checkpoint_weights(states=states, variant="ema")
+    want = trained.pm.get_plugin("ema").shadow.tensors["low_noise"]["blocks.1.ffn.net.2.lora_B.default.weight"]
+    assert torch.equal(shadow["low_noise"]["blocks.1.ffn.net.2.lora_B.weight"], want)
+    assert hook.checkpoint_weights(states=states, variant="swa") is None
+    assert hook.checkpoint_weights(states={"checkpoints": None}, variant="ema") is None
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("export")
+    p.set_defaults(variant=None)
+    hook.add_commands(subparsers=sub, commands={"export": p})
+    assert parser.parse_args(["export", "--ema"]).variant == "ema" and parser.parse_args(["export"]).variant is None
+    with pytest.raises(WantrainError) as err:
+        export.export(ckpt, "comfyui", tmp_path, variant="swa")
+    assert err.value.lines()[0].startswith(f"error: --swa: this checkpoint holds no swa weights (got '{ckpt}'); ")
+
+
 def test_lora_info_prints_layout_expert_modules_rank_alpha_and_metadata(trained, tmp_path, capsys):
     assert cli(["lora-info", str(trained.output_dir / "t_low_noise.safetensors")]) == 0
     text = capsys.readouterr().out
@@ -104,16 +133,16 @@ def test_lora_info_prints_layout_expert_modules_rank_alpha_and_metadata(trained,
 # ---------------------------------------------------------------- other layouts
 
 
-def _deltas(w: export.LoraWeights) -> dict[str, torch.Tensor]:
+def _deltas(w: lora_format.LoraWeights) -> dict[str, torch.Tensor]:
     return {n: (w.alphas[n] / a.shape[0]) * b.double() @ a.double() for n, (a, b) in w.modules.items()}
 
 
-def _other_layouts(ours: export.LoraWeights, folder) -> dict[str, tuple]:
+def _other_layouts(ours: lora_format.LoraWeights, folder) -> dict[str, tuple]:
     """The same LoRA written the way other tools write it."""
     kohya, down_up, peft = {}, {}, {}
     for name, (a, b) in ours.modules.items():
         block, path = name.split(".", 2)[1:]
-        comfy = lora.DIFFUSERS_TO_COMFY[path]
+        comfy = lora_format.DIFFUSERS_TO_COMFY[path]
         k = f"lora_unet_blocks_{block}_{comfy.replace('.', '_')}"
         kohya.update({f"{k}.lora_down.weight": a, f"{k}.lora_up.weight": b, f"{k}.alpha": torch.tensor(ALPHA / 2)})
         kohya[f"{k}.lora_up.weight"] = b * 2  # alpha halved, B doubled: same delta
@@ -131,11 +160,11 @@ def _other_layouts(ours: export.LoraWeights, folder) -> dict[str, tuple]:
 
 
 def test_other_layouts_read_with_the_same_weights(trained, tmp_path):
-    ours = export.read_lora(trained.output_dir / "t_high_noise.safetensors")
+    ours = lora_format.read_lora(trained.output_dir / "t_high_noise.safetensors")
     assert ours.layout == "comfyui" and ours.expert == "high_noise" and ours.ranks == [RANK]
-    folded = export.read_lora(export.export(trained.output_dir / "t_high_noise.safetensors", "diffusers", tmp_path / "f.safetensors")[0])
+    folded = lora_format.read_lora(export.export(trained.output_dir / "t_high_noise.safetensors", "diffusers", tmp_path / "f.safetensors")[0])
     for layout, path in {**_other_layouts(ours, tmp_path), "diffusers (folded)": folded}.items():
-        theirs = folded if layout.startswith("diffusers (") else export.read_lora(path)
+        theirs = folded if layout.startswith("diffusers (") else lora_format.read_lora(path)
         assert theirs.layout == layout.split(" ")[0] and not theirs.skipped, layout
         assert set(theirs.modules) == set(ours.modules), layout
         want, got = _deltas(ours), _deltas(theirs)
@@ -145,13 +174,13 @@ def test_other_layouts_read_with_the_same_weights(trained, tmp_path):
 
 def test_unknown_tensors_are_listed_and_a_non_lora_file_is_refused(tmp_path):
     a, b = torch.randn(4, 128), torch.randn(128, 4)
-    w = export.parse_tensors({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": a,
-                              "diffusion_model.blocks.0.self_attn.q.lora_B.weight": b,
-                              "diffusion_model.head.head.lora_A.weight": a}, {})
+    w = lora_format.parse({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": a,
+                           "diffusion_model.blocks.0.self_attn.q.lora_B.weight": b,
+                           "diffusion_model.head.head.lora_A.weight": a}, {})[None]
     assert w.skipped == ["diffusion_model.head.head.lora_A.weight"] and w.alphas == {"blocks.0.attn1.to_q": 4.0}
     save_file({"weight": a}, str(tmp_path / "x.safetensors"))
     with pytest.raises(WantrainError, match="not a LoRA wantrain can read: no LoRA tensors of a Wan transformer"):
-        export.read_lora(tmp_path / "x.safetensors")
+        lora_format.read_lora(tmp_path / "x.safetensors")
 
 
 # ---------------------------------------------------------------- init_from
@@ -164,7 +193,7 @@ def _adapter_deltas(run, expert, alpha):
 
 
 def test_init_from_our_pair_and_from_a_kohya_file_with_another_alpha(trained, tiny_model, demo_data, tmp_path):
-    ours = export.read_lora(trained.output_dir / "t_high_noise.safetensors")
+    ours = lora_format.read_lora(trained.output_dir / "t_high_noise.safetensors")
     kohya = _other_layouts(ours, tmp_path)["kohya"]
     cases = [(str(trained.output_dir / "t_high_noise.safetensors"), ALPHA), (str(kohya), 2 * ALPHA)]
     for init_from, alpha in cases:
@@ -174,16 +203,16 @@ def test_init_from_our_pair_and_from_a_kohya_file_with_another_alpha(trained, ti
         load(run)
         run.data.close()
         for expert in ("high_noise", "low_noise"):  # the pair's partner / the same file for both
-            source = export.read_lora(trained.output_dir / f"t_{expert}.safetensors") if alpha == ALPHA else ours
+            source = lora_format.read_lora(trained.output_dir / f"t_{expert}.safetensors") if alpha == ALPHA else ours
             want, got = _deltas(source), _adapter_deltas(run, expert, alpha)
             for name in want:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-9, msg=f"{init_from} {expert} {name}")
 
 
 def test_init_from_with_another_rank_names_the_key(trained):
-    w = export.read_lora(trained.output_dir / "t_high_noise.safetensors")
+    w = lora_format.read_lora(trained.output_dir / "t_high_noise.safetensors")
     target = load_profile(data={"job": {"name": "x"}, "target": {"rank": 8, "modules": ["attn1.to_q"]}}).target
     with pytest.raises(WantrainError) as err:
-        export.fit_to_target(w, target)
+        lora.fit_to_target(w, target)
     assert err.value.lines()[0] == "error: target.init_from: has rank 4, target.rank is 8; set target.rank = 4"
     assert err.value.lines()[1].startswith("error: target.init_from: holds weights for modules target.modules does not list (got ['attn1.to_k'")

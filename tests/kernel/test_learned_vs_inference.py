@@ -14,9 +14,11 @@ import contextlib
 import pytest
 import torch
 
-from wantrain import flow, sampling
+from wantrain import flow
+from wantrain.data.demo import moving_shapes
+from wantrain.data.media import write_video
+from wantrain.plugins.sample import render as sampling
 from wantrain.loop import train
-from wantrain.media import moving_shapes, write_video
 from wantrain.profile import load_profile
 
 PROMPT = "sks shapes moving"

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 
 from wantrain import lora
+from wantrain.formats import lora as lora_format
+from wantrain.formats import safetensors as st
 from wantrain.loop import train
 from wantrain.profile import load_profile
 
@@ -102,7 +104,7 @@ def test_lora_files_keys_alpha_metadata(profile_data):
         expected = {
             f"diffusion_model.blocks.{i}.{m}.{k}"
             for i in range(4)
-            for m in lora.COMFY_TO_DIFFUSERS
+            for m in lora_format.COMFY_TO_DIFFUSERS
             for k in ("lora_A.weight", "lora_B.weight", "alpha")
         }
         assert keys == expected
@@ -141,8 +143,8 @@ def test_diffusers_loads_the_pair_with_training_outputs(profile_data, tiny_model
 
 def test_saved_file_loads_back_into_training(profile_data):
     run = _run(profile_data)
-    tensors, _ = lora.read_lora_file(run.output_dir / "t_low_noise.safetensors")
-    state, alphas = lora.from_comfy(tensors)
+    saved = lora_format.read_lora(run.output_dir / "t_low_noise.safetensors")
+    state, alphas = saved.state(), saved.alphas
     assert set(alphas.values()) == {8.0}
     before = _outputs(run.experts["low_noise"])
     with torch.no_grad():
@@ -212,7 +214,7 @@ def test_loader_workers_do_not_change_the_result(profile_data, tmp_path):
         profile_data["training"].update(num_workers=workers, steps=3)
         run = _run(profile_data)
         assert run.data.num_workers == workers
-        weights.append(lora.read_lora_file(run.output_dir / "t_high_noise.safetensors")[0])
+        weights.append(st.read(run.output_dir / "t_high_noise.safetensors")[0])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 

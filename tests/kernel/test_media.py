@@ -10,8 +10,9 @@ import pytest
 from conftest_data import write_clip
 from PIL import Image
 
-from wantrain import media
-from wantrain.media import MediaError, moving_shapes, probe_image, probe_video, read_all_frames, read_frames, read_image, write_video
+from wantrain.data import demo, media
+from wantrain.data.demo import moving_shapes
+from wantrain.data.media import MediaError, probe_image, probe_video, read_all_frames, read_frames, read_image, write_video
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,8 @@ def test_write_video_rejects_odd_sizes_and_wrong_dtype(tmp_path):
 
 
 def test_demo_data_is_small_captioned_and_reproducible(tmp_path):
-    first = media.write_demo_data(tmp_path / "a", seed=0)
-    second = media.write_demo_data(tmp_path / "b", seed=0)
+    first = demo.write_demo_data(tmp_path / "a", seed=0)
+    second = demo.write_demo_data(tmp_path / "b", seed=0)
     assert [p.suffix for p in first].count(".mp4") == 4 and [p.suffix for p in first].count(".png") == 3
     for a, b in zip(first, second):
         assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
@@ -52,7 +53,7 @@ def test_demo_data_is_small_captioned_and_reproducible(tmp_path):
     assert sum("[trigger]" in p.with_suffix(".txt").read_text() for p in first) >= 3
     info = probe_video(first[0])
     assert (info.width, info.height, info.num_frames, info.fps) == (96, 64, 33, 16.0)
-    other = media.write_demo_data(tmp_path / "c", seed=1)
+    other = demo.write_demo_data(tmp_path / "c", seed=1)
     assert not np.array_equal(read_all_frames(first[0]), read_all_frames(other[0]))
 
 

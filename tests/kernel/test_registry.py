@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from wantrain import registry
-from wantrain.context import CoreHooks
+from wantrain.run import CoreHooks
 from wantrain.errors import PluginError, ProfileError
 from wantrain.profile import load_profile
 
@@ -130,6 +130,6 @@ def test_trace_hooks_logs_every_event(tmp_path, monkeypatch, caplog):
 def test_kernel_imports_no_plugin():
     import subprocess
 
-    code = "import sys, wantrain.loop, wantrain.cli, wantrain.context; print([m for m in sys.modules if m.startswith('wantrain.plugins.')])"
+    code = "import sys, wantrain.loop, wantrain.commands.cli, wantrain.run; print([m for m in sys.modules if m.startswith('wantrain.plugins.')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -20,7 +20,7 @@ import tomli_w
 import torch
 
 from wantrain import resume
-from wantrain.cli import main as cli
+from wantrain.commands.cli import main as cli
 from wantrain.errors import WantrainError
 from wantrain.loop import setup
 from wantrain.profile import load_profile
@@ -31,7 +31,8 @@ KILLER = textwrap.dedent(
     """
     '''Test plugin: SIGKILL this process at a step, or between the two LoRA files of a save.'''
     import os, signal
-    from wantrain import hookimpl, lora
+    from wantrain import hookimpl
+    from wantrain.formats import safetensors as st
 
     AT = int(os.environ.get("WANTRAIN_TEST_KILL_AT", "0"))
     MODE = os.environ.get("WANTRAIN_TEST_KILL_MODE", "step")
@@ -40,13 +41,13 @@ KILLER = textwrap.dedent(
         @hookimpl
         def on_run_start(self, run):
             if AT and MODE == "between_files":
-                original = lora.write_atomic
+                original = st.write_atomic
                 def write_then_die(tensors, path, meta):
                     out = original(tensors, path, meta)
                     if f"_{AT:09d}_high_noise" in str(path):  # first file on disk, second not yet
                         os.kill(os.getpid(), signal.SIGKILL)
                     return out
-                lora.write_atomic = write_then_die
+                st.write_atomic = write_then_die
 
         @hookimpl
         def on_step(self, run, step):
@@ -59,7 +60,7 @@ KILLER = textwrap.dedent(
 
 # runs `wantrain run` in a fresh interpreter with the test process's thread count
 # (same threads -> same CPU kernels -> same bits as the in-process reference)
-RUNNER = "import sys, torch; torch.set_num_threads(int(sys.argv[1])); from wantrain.cli import main; sys.exit(main(sys.argv[2:]))"
+RUNNER = "import sys, torch; torch.set_num_threads(int(sys.argv[1])); from wantrain.commands.cli import main; sys.exit(main(sys.argv[2:]))"
 
 
 @pytest.fixture(scope="module")

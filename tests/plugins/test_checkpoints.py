@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wantrain import lora, resume
-from wantrain.cli import main as cli
+from wantrain import resume
+from wantrain.formats import lora as lora_format
+from wantrain.formats import safetensors as st
+from wantrain.commands.cli import main as cli
 from wantrain.errors import ProfileError
 from wantrain.loop import train
 from wantrain.plugins.checkpoints import is_due, rotate
@@ -69,10 +71,10 @@ def test_a_run_keeps_the_newest_saves_with_ema_weights_in_the_pair(profile_data,
         "t_high_noise.safetensors", "t_low_noise.safetensors"]
     assert [s for s, _ in resume.list_checkpoints(out)] == [4, 6]
     assert not list((out / "checkpoints").glob(".*")), "no temporary folder left"
-    pair, meta = lora.read_lora_file(out / "t_000000006_low_noise.safetensors")
+    pair, meta = st.read(out / "t_000000006_low_noise.safetensors")
     assert {t.dtype for t in pair.values()} == {torch.bfloat16}
     assert meta["wantrain.step"] == "6"
-    final, _ = lora.read_lora_file(out / "t_low_noise.safetensors")
+    final, _ = st.read(out / "t_low_noise.safetensors")
     assert {t.dtype for t in final.values()} == {torch.float32}  # [target] save_dtype
     # the pair holds the EMA weights; the state holds raw fp32 weights and the EMA shadow
     state = load_file(str(out / "checkpoints" / "step_000000006" / "lora.safetensors"))
@@ -89,7 +91,7 @@ def _fake_save(root, name, step):
     folder.mkdir(parents=True)
     (folder / "state.json").write_text("{}")
     for expert in ("high_noise", "low_noise"):
-        (root / lora.lora_filename(name, expert, step)).write_text("x")
+        (root / lora_format.lora_filename(name, expert, step)).write_text("x")
 
 
 def test_rotation_removes_pair_and_state_together_never_final_files(tmp_path):
@@ -130,18 +132,11 @@ def _lora_disk_full_at(marker, monkeypatch):
         fh = open(path, mode, *args, **kwargs)
         return _FullDisk(fh) if marker in str(path) else fh
 
-    monkeypatch.setattr(lora, "open", fake_open, raising=False)
+    monkeypatch.setattr(st, "open", fake_open, raising=False)
 
 
 def _state_disk_full_at(marker, monkeypatch):
-    original = resume.save_file
-
-    def failing(tensors, filename, metadata=None):
-        if marker in str(filename):  # safetensors reports I/O errors as "... (os error 28)"
-            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return original(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(resume, "save_file", failing)
+    _lora_disk_full_at(marker, monkeypatch)  # the state files go through the same writer
 
 
 @pytest.mark.parametrize("where", ["lora_pair", "resume_state"])
@@ -161,7 +156,7 @@ def test_a_full_disk_is_one_error_line_and_keeps_earlier_checkpoints(profile_dat
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert errors == [
         f"error: job.output_dir: disk full while writing the checkpoint of step 4; nothing of it was kept, "
-        f"earlier checkpoints are intact (got '{out}'); free space (or lower [plugins.checkpoints] keep) "
+        f"earlier checkpoints are intact (got '{out}'); free space (or keep fewer checkpoints) "
         f"and run the same command again to resume"]
     assert sorted(p.name for p in out.iterdir() if p.name != "profile.toml") == [
         "checkpoints", "t_000000002_high_noise.safetensors", "t_000000002_low_noise.safetensors"]

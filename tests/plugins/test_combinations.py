@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from wantrain import lora
+from wantrain.formats import safetensors as st
 from wantrain.loop import train
 from wantrain.profile import load_profile
 
@@ -148,8 +149,9 @@ def test_every_feature_acts_through_events(profile_data, tmp_path, monkeypatch, 
         m = re.match(r"event (\w+)\(.*\) -> \[(.*)\]", message)
         if m:
             calls.setdefault(m.group(1), set()).update(re.findall(r"'([^']+)'", m.group(2)))
+    tools = {"estimate_memory"}  # wantrain estimate's event, not the training run's (tests/kernel/test_estimate.py)
     for name in FEATURES:
-        implemented = _hook_names(name)
+        implemented = [hook for hook in _hook_names(name) if hook not in tools]
         assert implemented, name
         missing = [hook for hook in implemented if name not in calls.get(hook, set())]
         assert not missing, f"{name}: {missing} never called"
@@ -203,6 +205,6 @@ def test_resume_continues_multistage_and_ema_bit_exactly(profile_data, tmp_path)
     assert [m["expert"] for m in rec.metrics] == [H, L]
     assert resumed.pm.get_plugin("ema").shadow.updates == {H: 3, L: 1}
     for name in ("t_high_noise", "t_low_noise", "t_high_noise_raw", "t_low_noise_raw"):
-        a = lora.read_lora_file(straight.output_dir / f"{name}.safetensors")[0]
-        b = lora.read_lora_file(resumed.output_dir / f"{name}.safetensors")[0]
+        a = st.read(straight.output_dir / f"{name}.safetensors")[0]
+        b = st.read(resumed.output_dir / f"{name}.safetensors")[0]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -79,7 +79,8 @@ def test_a_training_step_gets_scale_times_the_gradient_and_adamw_barely_notices(
     guided_run, guided = _one_step(profile_data, tmp_path, 3.0)
     nonzero = 0
     for g, p in zip(guided.grads[0], plain.grads[0]):
-        torch.testing.assert_close(g, 3.0 * p, rtol=1e-4, atol=1e-9)
+        # equal up to fp32 rounding of the two backward passes (relative to the layer's largest gradient)
+        torch.testing.assert_close(g, 3.0 * p, rtol=1e-4, atol=1e-5 * float(p.abs().max()) + 1e-12)
         nonzero += int(p.abs().sum() > 0)
     assert nonzero > 0
     # the compute_target event answers with the guided target

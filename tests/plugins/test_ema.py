@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from wantrain import lora
+from wantrain.formats import lora as lora_format
 from wantrain.errors import ProfileError
 from wantrain.loop import train
 from wantrain.plugins import ema
@@ -69,8 +70,7 @@ def expected_ema(initial: dict, history: list, decay: float, update_every: int =
 
 
 def _file(path) -> dict:
-    tensors, _ = lora.read_lora_file(path)
-    return lora.from_comfy(tensors)[0]
+    return lora_format.read_lora(path).state()
 
 
 def test_shadow_update_is_the_documented_recurrence():
@@ -126,11 +126,11 @@ def test_files_previews_and_state(profile_data, tmp_path):
             torch.testing.assert_close(rec.previewed[0][e][k], at3[e][k], rtol=1e-5, atol=1e-7)
             assert torch.equal(rec.after_preview[0][e][k], rec.after_step[2][1][e][k])  # raw again
     # resume state: the shadow and counts round-trip into a fresh plugin
-    state = plugin.state_dict(run=run)["ema"]
+    state = plugin.state_dict()
     assert state["updates"] == {"high_noise": 2, "low_noise": 2}
     fresh = ema.Plugin(ema.Config(decay=0.5))
     fresh.after_adapters_attached(run=run)
-    fresh.load_state_dict(run=run, state={"ema": state})
+    fresh.load_state_dict(state=state)
     for e in run.trained:
         for k, v in plugin.shadow.tensors[e].items():
             assert torch.equal(fresh.shadow.tensors[e][k], v)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from wantrain import data as wdata
 from wantrain.data import build_train_data
-from wantrain.media import moving_shapes
+from wantrain.data.demo import moving_shapes
 from wantrain.plugins import latent_cache as lc
 from wantrain.profile import DatasetConfig
 
@@ -106,7 +106,7 @@ def test_bf16_entries_and_folder_override(clips, tmp_path):
     store.put(spec.cache_key(), latents, spec.path, wdata.file_hash(spec.path))
     got = store.get(spec.cache_key())
     assert got.dtype == torch.float32 and torch.equal(got, latents.to(torch.bfloat16).float())
-    stores = lc.make_stores(lc.Config(folder=str(tmp_path / "shared")), None, td, "v")
+    stores = lc.make_stores(lc.Config(folder=str(tmp_path / "shared")), make_profile(ds(clips)), td, "v")
     assert stores[0].folder == tmp_path / "shared"
 
 

@@ -65,18 +65,11 @@ def test_resume_continues_the_turn(stop):
     continue exactly like the uninterrupted schedule."""
     full = _schedule([H, L], 3, 9)
     plugin = ms.Plugin(ms.Config(switch_every=3))
-
-    class FakeRun:
-        class pm:
-            @staticmethod
-            def get_name(_):
-                return "multistage"
-
     for s in range(stop):
         plugin.select_expert(run=None, step=s)
-    state = plugin.state_dict(run=FakeRun)
+    state = plugin.state_dict()  # its own state only: the kernel keys it by the registered name
     restored = ms.Plugin(ms.Config(switch_every=3))
-    restored.load_state_dict(run=FakeRun, state=state)
+    restored.load_state_dict(state=state)
     fresh = ms.Plugin(ms.Config(switch_every=3))
     assert [restored.select_expert(run=None, step=s) for s in range(stop, 9)] == full[stop:]
     assert [fresh.select_expert(run=None, step=s) for s in range(stop, 9)] == full[stop:]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wantrain import quant
+from wantrain.plugins.quantize import ara, loader
 from wantrain.errors import ProfileError
-from wantrain.lora import read_lora_file
+from wantrain.formats import ara as ara_format
+from wantrain.formats.safetensors import read as read_lora_file
 from wantrain.loop import train
 from wantrain.model import ModelSource, load_expert
 from wantrain.profile import load_profile
@@ -64,13 +65,13 @@ def test_each_qtype_trains_with_falling_loss(profile_data, tmp_path, qtype):
     batch = run.data.next_batch(2)
     for expert in run.trained:
         module = run.experts[expert]
-        assert len(quant.quantized_linears(module)) == 40  # every block linear, nothing else
-        assert not any(n.startswith(("proj_out", "patch", "condition")) for n, _ in quant.quantized_linears(module))
+        assert len(loader.quantized_linears(module)) == 40  # every block linear, nothing else
+        assert not any(n.startswith(("proj_out", "patch", "condition")) for n, _ in loader.quantized_linears(module))
         trained = _fixed_loss(run, expert, batch)
         with run.lora_disabled(expert):
             base = _fixed_loss(run, expert, batch)
         assert trained < base, (expert, trained, base)
-    assert (len(quant.ara_layers(run.experts["high_noise"])) == 40) == qtype.endswith("+ara")
+    assert (len(ara.ara_layers(run.experts["high_noise"])) == 40) == qtype.endswith("+ara")
 
 
 def test_checkpointing_gives_the_same_gradients_on_quantized_layers(tiny_model):
@@ -80,7 +81,7 @@ def test_checkpointing_gives_the_same_gradients_on_quantized_layers(tiny_model):
     grads = []
     probe = _probe()
     for ckpt in (False, True):
-        m = quant.load_quantized_expert(ModelSource(str(tiny_model)), "transformer", dtype=torch.float32, qtype="qint4")
+        m = loader.load_quantized_expert(ModelSource(str(tiny_model)), "transformer", dtype=torch.float32, qtype="qint4")
         params = attach_lora(m, 4, 4.0, LORA_MODULES, seed=0)
         g = torch.Generator().manual_seed(1)
         for p in params:  # make B non-zero so A gets a gradient too
@@ -99,27 +100,27 @@ def test_checkpointing_gives_the_same_gradients_on_quantized_layers(tiny_model):
 def test_ara_lowers_output_error_against_plain_qint4(tiny_model, tmp_path):
     src = ModelSource(str(tiny_model))
     ref = load_expert(src, "high_noise", torch.float32)
-    plain = quant.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4")
-    plan = quant.AraPlan("qint4+ara", 16, cache=tmp_path / "ara.safetensors")
-    ara = quant.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4+ara", ara=plan)
+    plain = loader.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4")
+    plan = ara.AraPlan("qint4+ara", 16, cache=tmp_path / "ara.safetensors")
+    recovered = loader.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4+ara", ara=plan)
     assert plan.attached == 40
     probe = _probe()
     want = _out(ref, probe)
     err_plain = float((_out(plain, probe) - want).norm() / want.norm())
-    err_ara = float((_out(ara, probe) - want).norm() / want.norm())
+    err_ara = float((_out(recovered, probe) - want).norm() / want.norm())
     assert err_ara < 0.9 * err_plain, (err_ara, err_plain)
     # and per layer: the ARA'd weight is closer to the original than Q(W)
     ref_w = dict(ref.named_parameters())
-    for name, layer in quant.quantized_linears(ara)[:8]:
+    for name, layer in loader.quantized_linears(recovered)[:8]:
         w = ref_w[f"{name}.weight"].float()
-        deq = quant.dequantized_weight(layer).float()
+        deq = ara.dequantized_weight(layer).float()
         ad = layer.ara
         assert (w - deq - ad.scale * ad.up.float() @ ad.down.float()).norm() < (w - deq).norm()
     # computed once: the second load reads the cache and computes nothing
-    again = quant.AraPlan("qint4+ara", 16, cache=tmp_path / "ara.safetensors")
-    second = quant.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4+ara", ara=again)
+    again = ara.AraPlan("qint4+ara", 16, cache=tmp_path / "ara.safetensors")
+    second = loader.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4+ara", ara=again)
     assert again.computed == {} and len(again.cached) == 40
-    torch.testing.assert_close(_out(second, probe), _out(ara, probe))
+    torch.testing.assert_close(_out(second, probe), _out(recovered, probe))
 
 
 @pytest.mark.parametrize("layout", ["comfy", "diffusers"])
@@ -128,12 +129,12 @@ def test_ara_files_load_in_both_key_layouts(profile_data, tmp_path, layout):
     probe = _probe()
     wanted = {}
     for expert, sub in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
-        plan = quant.AraPlan("qint4+ara", 8, cache=None)
-        m = quant.load_quantized_expert(src, sub, dtype=torch.float32, qtype="qint4+ara", ara=plan)
+        plan = ara.AraPlan("qint4+ara", 8, cache=None)
+        m = loader.load_quantized_expert(src, sub, dtype=torch.float32, qtype="qint4+ara", ara=plan)
         wanted[expert] = _out(m, probe)
         # store with alpha = rank / 2 and B doubled: the loader must apply alpha / rank
         layers = {k: (d, 2 * u, 0.5) for k, (d, u, _) in plan.computed.items()}
-        state = quant.ara_to_state(layers, layout)
+        state = ara_format.ara_to_state(layers, layout)
         prefix = "diffusion_model.blocks.0.self_attn.q" if layout == "comfy" else "blocks.0.attn1.to_q"
         assert f"{prefix}.lora_A.weight" in state
         from safetensors.torch import save_file
@@ -153,18 +154,18 @@ def test_ara_is_frozen_unsaved_and_stays_on_with_lora_off(profile_data, tmp_path
     data["training"].update(steps=4, lr=1e-2)
     run = train(load_profile(data=data))
     src = ModelSource(data["model"]["name_or_path"])
-    plain = quant.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4")
+    plain = loader.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4")
     cached = tmp_path / "ara" / "transformer" / "wantrain_ara_svd_qint4_r8.safetensors"
     assert cached.is_file()
-    again = quant.AraPlan("qint4+ara", 8, cache=cached)
-    fresh = quant.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4+ara", ara=again)
+    again = ara.AraPlan("qint4+ara", 8, cache=cached)
+    fresh = loader.load_quantized_expert(src, "transformer", dtype=torch.float32, qtype="qint4+ara", ara=again)
     module = run.experts["high_noise"]
     probe = _probe()
     # trained for 4 steps at a high lr, yet the ARA is bit-identical to the cached one
-    for name, ad in quant.ara_layers(module).items():
-        ref = quant.ara_layers(fresh)[name]
+    for name, ad in ara.ara_layers(module).items():
+        ref = ara.ara_layers(fresh)[name]
         assert torch.equal(ad.down, ref.down) and torch.equal(ad.up, ref.up)
-    ara_tensors = {id(t) for ad in quant.ara_layers(module).values() for t in (ad.down, ad.up)}
+    ara_tensors = {id(t) for ad in ara.ara_layers(module).values() for t in (ad.down, ad.up)}
     assert not any(id(p) in ara_tensors for p in run.lora_parameters["high_noise"])
     assert not any("ara" in n for n, p in module.named_parameters())
     # LoRA off: base + ARA exactly (not plain Q(W)); LoRA on: something else
@@ -185,7 +186,7 @@ def test_text_encoder_setting_is_honoured_alone(profile_data, tmp_path):
     run = train(load_profile(data=data))
     te_q = [n for n, m in run.text_encoder.named_modules() if isinstance(m, QLinear)]
     assert len(te_q) == sum(1 for m in run.text_encoder.modules() if isinstance(m, torch.nn.Linear))
-    assert te_q and quant.quantized_linears(run.experts["high_noise"]) == []
+    assert te_q and loader.quantized_linears(run.experts["high_noise"]) == []
 
 
 def test_profile_mistakes_are_reported(profile_data, tmp_path):
@@ -207,6 +208,6 @@ def test_profile_mistakes_are_reported(profile_data, tmp_path):
 
 def test_ara_file_with_wrong_keys_is_an_error():
     with pytest.raises(ValueError, match="unexpected key"):
-        quant.parse_ara_state({"blocks.0.attn1.to_q.weight": torch.zeros(2, 2)})
+        ara_format.parse_ara_state({"blocks.0.attn1.to_q.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="lacks its up"):
-        quant.parse_ara_state({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 2)})
+        ara_format.parse_ara_state({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 2)})

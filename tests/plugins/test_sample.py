@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from wantrain import lora, registry, sampling
-from wantrain.cli import main
-from wantrain.context import CoreHooks
+from wantrain import lora, registry
+from wantrain.formats import safetensors as st
+from wantrain.plugins.sample import render as sampling
+from wantrain.plugins.sample.command import load_for_sampling
+from wantrain.commands.cli import main
+from wantrain.run import CoreHooks
 from wantrain.loop import train
 from wantrain.profile import load_profile
 
@@ -141,7 +144,7 @@ def test_cli_prompt_option_and_lazy_experts(sampled, tmp_path):
     profile = sampled.profile
     files = sampling.lora_paths(str(sampled.output_dir / "t_high_noise.safetensors"))
     assert sorted(files) == ["high_noise", "low_noise"]
-    run = sampling.load_for_sampling(profile, files)
+    run = load_for_sampling(profile, files)
     assert run.experts == {}  # experts load on first use, LoRA attached as they load
     settings = sampling.settings_from(profile.plugin_config("sample"), prompts=("[trigger] only",), steps=2)
     paths = sampling.render(run, settings, tmp_path)
@@ -157,7 +160,7 @@ def test_lora_file_alpha_is_honoured_per_module(sampled, tmp_path):
 
     from wantrain import model
 
-    tensors, _ = lora.read_lora_file(sampled.output_dir / "t_high_noise.safetensors")
+    tensors, _ = st.read(sampled.output_dir / "t_high_noise.safetensors")
     q0 = "diffusion_model.blocks.0.self_attn.q.alpha"
     tensors = {k: torch.tensor(16.0 if k == q0 else 2.0) if k.endswith(".alpha") else v for k, v in tensors.items()}
     save_file(tensors, str(tmp_path / "x_high_noise.safetensors"))
@@ -226,9 +229,10 @@ class _Module(torch.nn.Module):
 def fake_placement(monkeypatch):
     monkeypatch.setattr(sampling, "_device_of", lambda m: m.where)
 
-    def make(experts: dict[str, str], device: str = "cuda"):
+    def make(experts: dict[str, str], device: str = "cuda", placed_by=None):
         return SimpleNamespace(device=torch.device(device), text_encoder=_Module(device), vae=_Module(device),
-                               experts={k: _Module(v) for k, v in experts.items()}, extras={})
+                               experts={k: _Module(v) for k, v in experts.items()},
+                               experts_placed_by_plugin=placed_by is not None, activate_expert=placed_by)
 
     return make
 
@@ -273,9 +277,8 @@ def test_nothing_moves_when_everything_fits(fake_placement):
 
 
 def test_an_offload_manager_places_the_experts(fake_placement):
-    run = fake_placement({"high_noise": "cuda", "low_noise": "cpu"})
-    asked = []
-    run.extras["offload.activate"] = asked.append  # what the offload plugin publishes
+    asked = []  # what run.activate_expert hands to a plugin implementing activate_expert
+    run = fake_placement({"high_noise": "cuda", "low_noise": "cpu"}, placed_by=asked.append)
     placement = sampling.Placement(run, ["high_noise", "low_noise"])
     placement.visit("low_noise")
     assert asked == ["low_noise"]

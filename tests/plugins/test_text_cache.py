@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from wantrain import lora, model
+from wantrain import model
+from wantrain.formats import safetensors as st
 from wantrain.errors import WantrainError
 from wantrain.loop import train
 from wantrain.plugins import text_cache as tc
@@ -74,8 +75,8 @@ def test_every_caption_cached_once_and_training_is_unchanged(profile_data, tmp_p
     for (caps_a, a), (caps_b, b) in zip(plain_rec.states, rec.states):
         assert caps_a == caps_b and torch.equal(a, b)
     for expert in cached.trained:
-        a = lora.read_lora_file(plain.output_dir / f"t_{expert}.safetensors")[0]
-        b = lora.read_lora_file(cached.output_dir / f"t_{expert}.safetensors")[0]
+        a = st.read(plain.output_dir / f"t_{expert}.safetensors")[0]
+        b = st.read(cached.output_dir / f"t_{expert}.safetensors")[0]
         assert all(torch.equal(a[k], b[k]) for k in a)
     # a second run with the same folder encodes nothing
     again, rec2 = _train(profile_data, tmp_path, {"folder": str(folder)}, name="again", steps=1)

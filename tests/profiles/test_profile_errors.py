@@ -105,7 +105,7 @@ def test_cli_prints_lines_exit_2_no_traceback(tmp_path):
         [[datasets]]
         folder = "d"
     """))
-    proc = subprocess.run([sys.executable, "-m", "wantrain.cli", "check", str(tmp_path / "p.toml")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "wantrain", "check", str(tmp_path / "p.toml")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -44,7 +44,7 @@ def test_profile_passes_check(path, tiny_model, demo_data, tmp_path):
 
 def test_cli_check_ok(tiny_model, demo_data, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "wantrain.cli", "check", str(ROOT / "profiles" / "demo_cpu.toml"),
+        [sys.executable, "-m", "wantrain", "check", str(ROOT / "profiles" / "demo_cpu.toml"),
          "--set", f'model.name_or_path="{tiny_model}"', "--set", f'datasets[0].folder="{demo_data}"',
          "--set", f'job.output_dir="{tmp_path}"'],
         capture_output=True, text=True,
@@ -55,7 +55,7 @@ def test_cli_check_ok(tiny_model, demo_data, tmp_path):
 
 def test_cli_check_reports_missing_paths(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "wantrain.cli", "check", str(ROOT / "profiles" / "demo_cpu.toml"),
+        [sys.executable, "-m", "wantrain", "check", str(ROOT / "profiles" / "demo_cpu.toml"),
          "--set", f'model.name_or_path="{tmp_path}/nope"', "--set", f'datasets[0].folder="{tmp_path}/nothing"',
          "--set", f'job.output_dir="{tmp_path}/out"'],
         capture_output=True, text=True,

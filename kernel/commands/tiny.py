@@ -2,7 +2,7 @@
 exactly the Diffusers layout of the real A14B model, so tests and the CPU demo
 go through the same loading code.
 
-Sizes follow DESIGN §7: 4 heads x 32 dims, ffn 256, 4 layers, text dim 32 --
+Sizes: 4 heads x 32 dims, ffn 256, 4 layers, text dim 32 --
 large enough that a rank-32 LoRA visibly learns a clip on a CPU.
 """
 

@@ -36,9 +36,9 @@ import attrs
 import numpy as np
 import torch
 
-from . import flow, hookimpl, lora, model
-from .errors import ProfileProblem, WantrainError
-from .profile import _Invalid, _named, frame_count, in_range, non_empty, positive
+from wantrain import flow, hookimpl, lora, model
+from wantrain.formats.lora import LoraWeights, read_lora, read_lora_sources
+from wantrain.profile import _Invalid, _named, frame_count, in_range, non_empty, positive
 
 log = logging.getLogger("wantrain.sample")
 
@@ -130,15 +130,15 @@ def training_state_preserved(run) -> Iterator[None]:
 class Placement:
     """Which component sits on the device during each phase of a render.
 
-    A plugin that manages where the experts live publishes
-    ``run.extras["offload.activate"](expert)`` (the ``offload`` plugin does);
-    then experts are brought in through it and never moved here, and only
-    the text encoder and the VAE take turns.
+    When a plugin owns where the experts live (``run.experts_placed_by_plugin``:
+    the ``activate_expert`` event is implemented, as by an offload plugin),
+    experts are brought in through ``run.activate_expert`` and never moved
+    here; only the text encoder and the VAE take turns.
     """
 
     def __init__(self, run, needed_experts: Sequence[str]):
         self.run = run
-        self.activate = run.extras.get("offload.activate")
+        self.managed = run.experts_placed_by_plugin
         self.home = {name: _device_of(m) for name, m in self._movable().items()}
         parked = any(_device_of(m) != run.device for m in _components(run).values())
         on_demand = any(e not in run.experts for e in needed_experts)
@@ -146,12 +146,12 @@ class Placement:
 
     def _movable(self) -> dict[str, torch.nn.Module]:
         found = _components(self.run)
-        return {n: m for n, m in found.items() if n not in self.run.experts} if self.activate else found
+        return {n: m for n, m in found.items() if n not in self.run.experts} if self.managed else found
 
     def visit(self, name: str) -> None:
         """Only ``name`` on the device (in turns mode); the rest on the CPU."""
-        if self.activate is not None and name in self.run.experts:
-            self.activate(name)
+        if self.managed and name in self.run.experts:
+            self.run.activate_expert(name)
         if not self.turns:
             return
         cpu = torch.device("cpu")
@@ -248,7 +248,7 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 def write_preview(run, latents: torch.Tensor, path: Path, fps: float) -> Path:
-    from .media import write_video
+    from wantrain.data.media import write_video
 
     return write_video(path, to_uint8(model.decode_latents(run.vae, latents)), fps)
 
@@ -256,82 +256,31 @@ def write_preview(run, latents: torch.Tensor, path: Path, fps: float) -> Path:
 # ---------------------------------------------------------------- wantrain sample
 
 
-def lora_paths(prefix: str) -> dict[str, Path]:
-    """``output/demo/demo`` -> the two files ``output/demo/demo_{expert}.safetensors``
-    that exist (a path to either file is accepted as the prefix too)."""
-    prefix = re.sub(r"_(high|low)_noise\.safetensors$", "", prefix)
-    found = {e: Path(f"{prefix}_{e}.safetensors") for e in model.EXPERTS}
-    found = {e: p for e, p in found.items() if p.is_file()}
-    if not found:
-        raise WantrainError(ProfileProblem(
-            "--lora", "no LoRA file found", prefix,
-            "give the prefix of a pair, e.g. output/demo/demo for output/demo/demo_high_noise.safetensors"))
-    return found
+def lora_paths(prefix: str) -> dict[str, LoraWeights]:
+    """What ``--lora`` gives each expert: ``output/demo/demo`` -> the files
+    ``output/demo/demo_{expert}.safetensors`` that exist; or one file of any
+    layout ``[target] init_from`` reads (with its high_noise/low_noise
+    partner; a two-expert file gives each expert its half; a file naming no
+    expert serves both); or a checkpoints/step_N folder."""
+    return read_lora_sources(prefix, model.EXPERTS, where="--lora", prefix=True)
 
 
-def attach_lora_file(module: torch.nn.Module, path: Path) -> None:
-    """Attach a ComfyUI-layout LoRA file to ``module``, honouring its ``.alpha``
-    (scale = alpha / rank, per module)."""
-    tensors, _ = lora.read_lora_file(path)
-    state, alphas = lora.from_comfy(tensors)
-    ranks = {t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1:
-        raise WantrainError(ProfileProblem("--lora", f"{path.name} mixes LoRA ranks", sorted(ranks), "use a file with one rank"))
-    rank = ranks.pop()
-    modules = sorted({re.sub(r"^blocks\.\d+\.", "", k.rsplit(".lora_", 1)[0]) for k in state})
-    lora.attach_lora(module, rank, next(iter(alphas.values()), float(rank)), modules, seed=0)
-    lora.load_lora_state(module, state)
-    for name, layer in lora.lora_layers(module):
-        if name in alphas:
-            layer.scaling[lora.ADAPTER] = alphas[name] / rank
+def attach_lora_file(module: torch.nn.Module, source: Path | LoraWeights, expert: str | None = None) -> None:
+    """Attach a LoRA (a file of any layout, or weights already read) to
+    ``module``, honouring its alpha per module (scale = alpha / rank)."""
+    weights = source if isinstance(source, LoraWeights) else read_lora(source, expert)
+    lora.attach_weights(module, weights)
 
 
 class _LoraFiles:
-    """Attaches the files of ``wantrain sample --lora`` as each expert loads."""
+    """Attaches the weights of ``wantrain sample --lora`` as each expert loads."""
 
-    def __init__(self, paths: dict[str, Path]):
-        self.paths = paths
+    def __init__(self, sources: dict[str, LoraWeights]):
+        self.sources = sources
 
     @hookimpl(trylast=True)  # after quantize & co. have changed the base module
     def after_expert_load(self, run, expert, module):
-        if expert in self.paths:
-            attach_lora_file(module, self.paths[expert])
+        if expert in self.sources:
+            attach_lora_file(module, self.sources[expert])
         else:
             log.warning("no %s LoRA file: the %s expert renders as the base model", expert, expert)
-
-
-def load_for_sampling(profile, lora_files: dict[str, Path]):
-    """A run with the profile's plugins, the text encoder and the VAE loaded;
-    experts load on first use, each with its LoRA file attached."""
-    from . import registry
-    from .context import CoreHooks, Run
-
-    pm = registry.make_plugin_manager(profile, core=CoreHooks())
-    pm.register(_LoraFiles(lora_files), name="wantrain.sample_lora")
-    run = Run(
-        profile=profile, pm=pm, output_dir=Path(profile.job.output_dir), device=model.resolve_device(profile.job.device),
-        dtype=model.DTYPES[profile.model.dtype], generator=torch.Generator("cpu").manual_seed(profile.job.seed),
-    )
-    run.source, index = model.load_model_index(profile.model.name_or_path)
-    run.boundary = model.boundary_ratio(index)
-    run.tokenizer, run.text_encoder = model.load_text_encoder(run.source, run.dtype)
-    run.text_encoder.to(run.device)
-    pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)
-    run.vae = model.load_vae(run.source).to(run.device)
-    return run
-
-
-def sample_command(profile, prefix: str, prompts: Sequence[str], out: str | None) -> list[str]:
-    """``wantrain sample``: render a finished (or checkpointed) LoRA pair with
-    the profile's ``[plugins.sample]`` settings (defaults when absent)."""
-    config = profile.plugin_config("sample")
-    if not prompts and not (config and getattr(config, "prompts", None)):
-        raise WantrainError(ProfileProblem("--prompt", "no prompt to render", fix='give --prompt "..." (repeatable)'))
-    try:
-        settings = settings_from(config, **({"prompts": tuple(prompts)} if prompts else {}))
-    except _Invalid as exc:
-        raise WantrainError(ProfileProblem(f"plugins.sample.{exc.field}", str(exc), exc.got, exc.fix)) from None
-    files = lora_paths(prefix)
-    folder = Path(out) if out else Path(prefix).parent / "samples" / Path(prefix).name
-    run = load_for_sampling(profile, files)
-    return render(run, settings, folder)

@@ -1,4 +1,12 @@
-"""The run object handed to every hook, and the kernel's own hook fallbacks."""
+"""The run object handed to every hook, the one way to open a run and load
+its frozen parts, and the kernel's own hook fallbacks.
+
+Every command that needs plugins goes through :func:`open_run` (profile ->
+plugins -> checks -> output folder); every command that needs the model's
+frozen parts through :func:`load_frozen` (model index -> text encoder,
+handed to ``after_text_encoder_load`` on the host, then moved -> VAE).
+``wantrain run`` adds the trained experts, their adapters and the optimizer
+(:func:`wantrain.loop.load`)."""
 
 from __future__ import annotations
 
@@ -8,15 +16,21 @@ import random
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 import pluggy
 import torch
 
-from . import flow, hookimpl, lora, model
+from . import flow, hookimpl, lora, model, registry
+from .formats import lora as lora_format
+from .formats import safetensors as st
+from .errors import ProfileError
 from .profile import Profile
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import TrainData
 
 log = logging.getLogger("wantrain")
 
@@ -50,24 +64,31 @@ class Run:
     output_dir: Path
     device: torch.device
     dtype: torch.dtype
+    #: the training RNG (timesteps, noise); part of the resume state
     generator: torch.Generator
+    #: t >= boundary * 1000 routes to the high-noise expert
     boundary: float = 0.875
-    source: Any = None  # model.ModelSource
+    source: model.ModelSource | None = None
+    #: loaded experts by name ("high_noise", "low_noise")
     experts: dict[str, torch.nn.Module] = attrs.Factory(dict)
+    #: the experts that get adapters and optimizer state, in order
     trained: list[str] = attrs.Factory(list)
     lora_parameters: dict[str, list[torch.nn.Parameter]] = attrs.Factory(dict)
-    vae: Any = None
-    text_encoder: Any = None
-    tokenizer: Any = None
-    data: Any = None
-    optimizer: Any = None
-    lr_scheduler: Any = None
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: Any = None  # a transformers tokenizer
+    data: TrainData | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    #: completed optimizer steps
     step: int = 0
     active_expert: str | None = None
+    #: gradient norm of the last step, before clipping
     grad_norm: float = 0.0
     last_metrics: dict[str, Any] = attrs.Factory(dict)
+    #: set by SIGINT/SIGTERM (or a plugin): the loop saves and stops after this step
     stop_requested: bool = False
-    #: free-form space for plugins to publish things to each other (by name)
+    #: for plugins to publish things to each other (by name); the kernel never reads it
     extras: dict[str, Any] = attrs.Factory(dict)
 
     # ------------------------------------------------------------ helpers
@@ -101,6 +122,17 @@ class Run:
         """The expert as the base model (trained LoRA contributes exactly 0)."""
         with lora.lora_disabled(self.experts[expert]):
             yield self.experts[expert]
+
+    def activate_expert(self, expert: str) -> None:
+        """Have ``expert`` loaded and ready on the device (``activate_expert``)."""
+        self.require_expert(expert)
+        self.pm.hook.activate_expert(run=self, expert=expert)
+
+    @property
+    def experts_placed_by_plugin(self) -> bool:
+        """Whether a plugin owns where the experts live (implements
+        ``activate_expert``); then no other code moves an expert."""
+        return any(i.plugin_name != CORE for i in self.pm.hook.activate_expert.get_hookimpls())
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.pm.hook.encode_prompts(run=self, prompts=list(prompts))
@@ -151,6 +183,48 @@ def load_expert_into(run: Run, expert: str) -> torch.nn.Module:
     return module
 
 
+CORE = "wantrain.core"
+
+
+def open_run(profile: Profile, *, purpose: str = "train", extra_plugins: dict[str, Any] | None = None) -> Run:
+    """The one way into a run: plugins registered (hook names checked),
+    every plugin's ``check_profile`` collected -- all before any weight loads.
+
+    ``purpose``: ``"train"`` also resolves the device, makes the output
+    folder and writes the resolved ``profile.toml`` into it; ``"sample"``
+    resolves the device only; ``"inspect"`` (check, plugins, estimate) does
+    neither and runs on the CPU. ``extra_plugins`` (name -> plugin) are
+    registered after the profile's own (commands that attach things).
+    """
+    pm = registry.make_plugin_manager(profile, core=CoreHooks(), extra=extra_plugins)
+    problems = [p for found in pm.hook.check_profile(profile=profile) for p in (found or [])]
+    if problems:
+        raise ProfileError(problems)
+    device = model.resolve_device(profile.job.device) if purpose != "inspect" else torch.device("cpu")
+    output_dir = Path(profile.job.output_dir)
+    if purpose == "train":
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "profile.toml").write_text(profile.to_toml(), encoding="utf-8")
+    torch.manual_seed(profile.job.seed)
+    generator = torch.Generator("cpu").manual_seed(profile.job.seed)
+    return Run(profile=profile, pm=pm, output_dir=output_dir, device=device,
+               dtype=model.DTYPES[profile.model.dtype], generator=generator)
+
+
+def load_frozen(run: Run) -> None:
+    """The model's frozen parts other than the experts: model index and
+    boundary, tokenizer and text encoder (handed to ``after_text_encoder_load``
+    while still on the host, so a quantized encoder never reaches the device
+    in full precision), then the VAE. Experts load on demand
+    (:meth:`Run.require_expert`) or in :func:`wantrain.loop.load`."""
+    run.source, index = model.load_model_index(run.profile.model.name_or_path)
+    run.boundary = model.boundary_ratio(index)
+    run.tokenizer, run.text_encoder = model.load_text_encoder(run.source, run.dtype)
+    run.pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)
+    run.text_encoder.to(run.device)
+    run.vae = model.load_vae(run.source).to(run.device)
+
+
 class CoreHooks:
     """The kernel's fallbacks, registered ``trylast`` under ``wantrain.core``:
     a plugin answering first replaces them; a wrapper can wrap them."""
@@ -182,6 +256,10 @@ class CoreHooks:
         return flow.uniform_timesteps(expert, run.boundary, batch_size, generator)
 
     @hookimpl(trylast=True)
+    def activate_expert(self, run, expert):
+        return False
+
+    @hookimpl(trylast=True)
     def write_lora(self, run, step, folder, dtype):
         return write_lora_pair(run, step, Path(folder), dtype)
 
@@ -193,8 +271,8 @@ def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None 
     dtype = model.DTYPES[dtype or target.save_dtype]
     paths = {}
     for expert in run.trained:
-        state = lora.to_comfy(lora.lora_state(run.experts[expert]), target.alpha, dtype)
-        meta = lora.metadata(
+        state = lora_format.to_comfy(lora.lora_state(run.experts[expert]), target.alpha, dtype)
+        meta = lora_format.metadata(
             profile_toml=run.profile.to_toml(),
             step=step,
             base_model=run.profile.model.name_or_path,
@@ -203,6 +281,6 @@ def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None 
             alpha=target.alpha,
             expert=expert,
         )
-        path = folder / lora.lora_filename(run.name, expert, step)
-        paths[expert] = str(lora.write_atomic(state, path, meta))
+        path = folder / lora_format.lora_filename(run.name, expert, step)
+        paths[expert] = str(st.write_atomic(state, path, meta))
     return paths

@@ -9,28 +9,33 @@ import os
 import sys
 import warnings
 
-from .errors import WantrainError
+from ..errors import WantrainError
 
 
-def _profile_args(p: argparse.ArgumentParser) -> None:
+def profile_args(p: argparse.ArgumentParser) -> None:
+    """The ``PROFILE [--set KEY=VALUE ...]`` arguments (also for plugins' commands)."""
     p.add_argument("profile", help="path to a TOML profile")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile value (TOML syntax), e.g. --set training.steps=200; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The kernel's commands, then whatever the available plugins add
+    (``add_commands``, asked of the plugin catalogue)."""
+    from .. import registry
+
     parser = argparse.ArgumentParser(prog="wantrain", description="LoRA trainer for Wan 2.2 T2V A14B")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train a LoRA pair from a profile")
-    _profile_args(p)
+    profile_args(p)
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                    help="auto (default): continue from the newest complete checkpoint in the output folder; "
                         "never: start at step 0 (refused when the folder holds checkpoints); "
                         "PATH: continue from that checkpoints/step_N folder")
     p = sub.add_parser("check", help="validate a profile, resolve plugins, check paths (loads no weights)")
-    _profile_args(p)
+    profile_args(p)
     p = sub.add_parser("plugins", help="list plugins and the events each implements")
     p.add_argument("profile", nargs="?", help="only the plugins this profile enables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -41,26 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("estimate", help="predict peak GPU memory and host RAM of a profile (model config only, no weights)")
-    _profile_args(p)
+    profile_args(p)
     p.add_argument("--vram-gb", type=float, metavar="N", help="the card's memory in GiB: says whether it fits and what to change")
     p = sub.add_parser("dataset", help="inspect the datasets of a profile: items, buckets, frames, warnings")
-    _profile_args(p)
+    profile_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable report")
-    p = sub.add_parser("sample", help="render preview videos from a LoRA pair with the profile's [plugins.sample] settings")
-    _profile_args(p)
-    p.add_argument("--lora", required=True, metavar="PREFIX",
-                   help="LoRA pair prefix, e.g. output/demo/demo for output/demo/demo_{high,low}_noise.safetensors")
-    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
-                   help="prompt to render ([trigger] is substituted); repeatable; default: the profile's sample prompts")
-    p.add_argument("-o", "--out", metavar="DIR", help="output folder (default: <prefix folder>/samples/<prefix name>)")
     p = sub.add_parser("export", help="convert a LoRA file or a checkpoint folder to the ComfyUI or diffusers layout")
     p.add_argument("source", metavar="FILE_OR_CHECKPOINT", help="a LoRA .safetensors file or a checkpoints/step_N folder")
     p.add_argument("--format", required=True, choices=("comfyui", "diffusers"))
-    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (checkpoint folders only)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="tensor dtype (default: the source's; fp32 for checkpoints)")
     p.add_argument("-o", "--out", required=True, help="output file (folder for a checkpoint: one file per expert)")
+    p.set_defaults(variant=None)  # plugins add options that pick a variant of a checkpoint's weights
     p = sub.add_parser("lora-info", help="print a LoRA file's layout, expert, modules, rank, alpha and metadata")
     p.add_argument("file", help="a LoRA .safetensors file (any supported layout) or a checkpoints/step_N folder")
+    registry.catalogue().hook.add_commands(subparsers=sub, commands=dict(sub.choices))
     return parser
 
 
@@ -87,8 +86,8 @@ def setup_logging(verbose: bool) -> None:
 def cmd_run(args) -> int:
     import shlex
 
-    from .loop import train
-    from .profile import load_profile
+    from ..loop import train
+    from ..profile import load_profile
 
     profile = load_profile(args.profile, args.overrides)
     run = train(profile, resume=args.resume)
@@ -101,7 +100,7 @@ def cmd_run(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    for path in export(args.source, args.format, args.out, ema=args.ema, dtype=args.dtype):
+    for path in export(args.source, args.format, args.out, variant=args.variant, dtype=args.dtype):
         print(f"wrote {path}")
     return 0
 
@@ -114,8 +113,8 @@ def cmd_lora_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .loop import check
-    from .profile import load_profile
+    from ..loop import check
+    from ..profile import load_profile
 
     profile = load_profile(args.profile, args.overrides)
     problems = check(profile)
@@ -126,23 +125,23 @@ def cmd_check(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from . import registry
-    from .context import CoreHooks
-    from .profile import load_profile
+    from .. import registry
+    from ..profile import load_profile
+    from ..run import CORE, CoreHooks, open_run
 
     if args.profile:
         profile = load_profile(args.profile, args.overrides)
-        pm = registry.make_plugin_manager(profile, core=CoreHooks())
-        names = ["wantrain.core", *profile.plugins.enabled]
+        pm = open_run(profile, purpose="inspect").pm
+        names = [CORE, *profile.plugins.enabled]
     else:
         import pluggy
 
-        from . import PROJECT, hookspecs
+        from .. import PROJECT, hookspecs
 
         pm = pluggy.PluginManager(PROJECT)
         pm.add_hookspecs(hookspecs)
-        pm.register(CoreHooks(), name="wantrain.core")
-        names = ["wantrain.core"]
+        pm.register(CoreHooks(), name=CORE)
+        names = [CORE]
         for name in registry.builtin_names() + registry.entry_point_names():
             module = registry.resolve(name)
             cfg_cls = registry.config_class(module)
@@ -170,7 +169,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_make_demo_data(args) -> int:
-    from .media import write_demo_data
+    from wantrain.data.demo import write_demo_data
 
     files = write_demo_data(args.dir, seed=args.seed)
     print(f"wrote {len(files)} demo media files to {args.dir}")
@@ -178,28 +177,19 @@ def cmd_make_demo_data(args) -> int:
 
 
 def cmd_estimate(args) -> int:
+    from ..profile import load_profile
+    from ..run import open_run
     from .estimate import report
-    from .profile import load_profile
 
     profile = load_profile(args.profile, args.overrides)
-    print(report(profile, args.vram_gb))
+    print(report(profile, open_run(profile, purpose="inspect").pm, args.vram_gb))
     return 0
 
 
 def cmd_dataset(args) -> int:
-    from .data import dataset_command
+    from .dataset import dataset_command
 
     return dataset_command(args.profile, args.overrides, args.json)
-
-
-def cmd_sample(args) -> int:
-    from .profile import load_profile
-    from .sampling import sample_command
-
-    profile = load_profile(args.profile, args.overrides)
-    for path in sample_command(profile, args.lora, args.prompts, args.out):
-        print(path)
-    return 0
 
 
 COMMANDS = {
@@ -210,7 +200,6 @@ COMMANDS = {
     "make-demo-data": cmd_make_demo_data,
     "dataset": cmd_dataset,
     "estimate": cmd_estimate,
-    "sample": cmd_sample,
     "export": cmd_export,
     "lora-info": cmd_lora_info,
 }
@@ -220,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except WantrainError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)

@@ -14,7 +14,7 @@ Events:
 - ``on_run_start`` -- at_start: asks for previews of the starting step
   (otherwise it only encodes the prompts, so ``text_cache`` holds them);
 - ``on_step`` -- every ``every`` steps and at the last step (``at_end``);
-- ``generate_samples`` -- does the rendering (:func:`wantrain.sampling.render`).
+- ``generate_samples`` -- does the rendering (:func:`wantrain.plugins.sample.render.render`).
   Previews are always requested through ``run.generate_samples(step)``, so
   wrappers apply: the ``ema`` plugin swaps its averaged weights in, an
   offload plugin may move modules; ``tensorboard`` logs frame strips of the
@@ -40,7 +40,9 @@ import torch
 from wantrain import hookimpl
 from wantrain.errors import ProfileProblem
 from wantrain.profile import non_negative
-from wantrain.sampling import TRIGGER, SampleSettings, render, settings_from, training_state_preserved, with_trigger
+from wantrain.run import Run
+from . import render as sampler
+from .render import TRIGGER, SampleSettings, settings_from, training_state_preserved, with_trigger
 
 log = logging.getLogger("wantrain.sample")
 
@@ -48,7 +50,7 @@ log = logging.getLogger("wantrain.sample")
 @attrs.frozen(kw_only=True)
 class Config(SampleSettings):
     """``[plugins.sample]``: the render settings of
-    :class:`wantrain.sampling.SampleSettings` plus when to render."""
+    :class:`.render.SampleSettings` plus when to render."""
 
     every: int = attrs.field(default=250, validator=non_negative)  # 0 = only at start / end
     at_start: bool = True  # render the base model (no LoRA) once, before the first step
@@ -104,23 +106,31 @@ class Plugin:
         return profile_problems(self.config, profile)
 
     @hookimpl
-    def on_run_start(self, run):
+    def on_run_start(self, run: Run):
         if self.config.at_start:
             request(run, run.step)
         else:
             prime_prompts(run, self.config)
 
     @hookimpl
-    def on_step(self, run, step):
+    def on_step(self, run: Run, step):
         if due(self.config, step, run.profile.training.steps):
             request(run, step)
 
     @hookimpl
-    def generate_samples(self, run, step):
+    def generate_samples(self, run: Run, step):
         settings, paths = settings_from(self.config), []
         if self.config.at_start and self.base_due:
             self.base_due = False
-            paths += render(run, settings, base_folder(run), use_lora=False)
+            paths += sampler.render(run, settings, base_folder(run), use_lora=False)
             if step == 0:  # a fresh LoRA adds exactly 0: its render would equal the base
                 return paths
-        return paths + render(run, settings, step_folder(run, step))
+        return paths + sampler.render(run, settings, step_folder(run, step))
+
+
+@hookimpl
+def add_commands(subparsers):
+    """``wantrain sample`` (see :mod:`.command`)."""
+    from .command import add_parser
+
+    add_parser(subparsers)

@@ -20,14 +20,16 @@ The model and every assumption are written up in ``docs/memory.md``. In short:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import attrs
 
-from . import quant
+from .. import model
 
 GiB = 2**30
 
@@ -46,7 +48,6 @@ UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "num_heads": 64, 
 WAN_VAE_PARAMS = 126_892_531  # AutoencoderKLWan (Wan 2.1 VAE), kept in fp32
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-QUANT_BYTES = {"none": None, "qfloat8": 1.0, "qint8": 1.0, "qint4": 0.5 + 4 / 128, "qint4+ara": 0.5 + 4 / 128}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0}
 CUDA_OVERHEAD_GIB = 1.5  # CUDA context, cuBLAS workspace, allocator slack
 HOST_BASELINE_GIB = 3.0  # Python, torch, CUDA libraries
@@ -55,13 +56,22 @@ VAE_BYTES_PER_PIXEL = 10_000  # VAE encode working set per pixel of a frame (4-f
 
 @attrs.frozen(kw_only=True)
 class Settings:
-    """Everything of a profile that changes memory (see :func:`settings_from_profile`)."""
+    """Everything about a run that changes its memory, in the estimate's own
+    words. The kernel fills in its sections (:func:`kernel_settings`);
+    plugins change the rest through the ``estimate_memory`` event."""
 
     dtype: str = "bf16"
-    transformer: str = "none"
-    text_encoder: str = "none"
-    exclude: tuple[str, ...] = quant.DEFAULT_EXCLUDE
-    ara_rank: int = 16
+    #: bytes per weight of the quantized transformer linears (None: not quantized)
+    weight_bytes: float | None = None
+    #: how the transformer weights are stored, for the report ("qint4+ara"; None: the model dtype)
+    weight_format: str | None = None
+    #: fnmatch patterns of transformer layers kept in the model dtype when quantized
+    quantize_exclude: tuple[str, ...] = ()
+    #: rank of a frozen recovery adapter beside each quantized linear (0: none)
+    ara_rank: int = 0
+    #: bytes per weight of the text encoder's linears (None: the model dtype)
+    text_encoder_bytes: float | None = None
+    text_encoder_format: str | None = None
     rank: int = 16
     modules: tuple[str, ...] = ()
     optimizer: str = "adamw"
@@ -71,31 +81,52 @@ class Settings:
     width: int = 512
     text_tokens: int = 512
     checkpointing: bool = True
-    offload_experts: bool = False
-    offload_layers: float = 0.0
-    text_cache: bool = False
-    text_unload: bool = False
-    latent_cache: bool = False
+    #: the expert that is not training waits in host RAM
+    idle_expert_on_host: bool = False
+    #: share of the transformer blocks whose weights stream in from the host
+    streamed_layers: float = 0.0
+    #: text states are computed before training (the encoder is off the GPU while training)
+    text_states_cached: bool = False
+    #: ... and the encoder is dropped from host RAM too
+    text_encoder_unloaded: bool = False
+    #: latents are computed before training (the VAE is off the GPU while training)
+    latents_cached: bool = False
     experts: int = 2
 
+    @property
+    def weights_label(self) -> str:
+        return self.weight_format or self.dtype
 
-def settings_from_profile(profile) -> Settings:
-    """Read the kernel sections and the ``quantize`` / ``offload`` /
-    ``text_cache`` / ``latent_cache`` plugin tables (by name, duck-typed)."""
-    from .profile import LORA_MODULES
+    @property
+    def text_encoder_label(self) -> str:
+        return self.text_encoder_format or self.dtype
 
-    enabled = set(profile.plugins.enabled)
-    q = profile.plugin_config("quantize") if "quantize" in enabled else None
-    o = profile.plugin_config("offload") if "offload" in enabled else None
-    tc = profile.plugin_config("text_cache") if "text_cache" in enabled else None
+
+@attrs.frozen
+class Remedy:
+    """One change that lowers the peak, offered when a run does not fit.
+
+    ``order`` sorts the remedies of every plugin into one list (cheapest
+    first: the kernel's checkpointing is 0, caches 10-20, quantization 30,
+    offloading 40-50); ``changes`` are :class:`Settings` fields. A ``quiet``
+    remedy is printed only when it makes the run fit or is the last of its
+    ``order`` (a ladder of ever stronger settings shows only the rung that
+    suffices)."""
+
+    order: int
+    text: str
+    changes: Mapping[str, Any]
+    quiet: bool = False
+
+
+def kernel_settings(profile) -> Settings:
+    """The kernel sections' share of :class:`Settings`."""
+    from ..profile import LORA_MODULES
+
     res = max((max(d.resolutions) for d in profile.datasets), default=512)
     frames = max((d.num_frames for d in profile.datasets), default=33)
     return Settings(
         dtype=profile.model.dtype,
-        transformer=getattr(q, "transformer", "none"),
-        text_encoder=getattr(q, "text_encoder", "none"),
-        exclude=tuple(getattr(q, "exclude", quant.DEFAULT_EXCLUDE)),
-        ara_rank=getattr(q, "ara_rank", 16),
         rank=profile.target.rank,
         modules=tuple(profile.target.modules or LORA_MODULES),
         optimizer=profile.training.optimizer,
@@ -103,11 +134,6 @@ def settings_from_profile(profile) -> Settings:
         frames=frames, height=res, width=res,
         text_tokens=profile.model.max_sequence_length,
         checkpointing=profile.model.gradient_checkpointing,
-        offload_experts=bool(getattr(o, "experts", False)),
-        offload_layers=float(getattr(o, "layers", 0.0)),
-        text_cache=tc is not None,
-        text_unload=bool(getattr(tc, "unload", False)),
-        latent_cache="latent_cache" in enabled,
     )
 
 
@@ -130,21 +156,23 @@ class Counts:
     block_fraction: float  # share of the weights inside the blocks
 
 
-def count_transformer(config: Mapping[str, Any], transformer: str, exclude, modules) -> Counts:
-    """Count on the meta device; nothing is allocated."""
+def count_transformer(config: Mapping[str, Any], quantized: bool, exclude, modules) -> Counts:
+    """Count on the meta device; nothing is allocated. ``quantized``: the
+    linear layers not matched by ``exclude`` are counted as quantized."""
     import torch
 
-    module = quant.build_empty(config)
+    from ..lora import target_regex
+
+    module = model.build_empty(config)
     keep = getattr(module, "_keep_in_fp32_modules", None) or ()
-    quantize = transformer != "none"
-    targets = quant.target_names(modules) if modules else None
+    targets = re.compile(target_regex(modules)) if modules else None
     qn = qio = other = fp32 = lio = in_blocks = 0
     for name, sub in module.named_modules():
         for pname, p in sub.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
             n = p.numel()
             in_blocks += n if full.startswith("blocks.") else 0
-            if type(sub) is torch.nn.Linear and pname == "weight" and quantize and not quant.excluded(name, exclude):
+            if type(sub) is torch.nn.Linear and pname == "weight" and quantized and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
                 qn += n
                 qio += sub.in_features + sub.out_features
             elif any(k in full.split(".") for k in keep):
@@ -234,113 +262,98 @@ class Estimate:
 
 def expert_weight_bytes(s: Settings, c: Counts) -> float:
     a = DTYPE_BYTES[s.dtype]
-    q = QUANT_BYTES[s.transformer]
-    per = (q if q else a) * c.quantized + a * c.other + 4 * c.fp32
+    per = (s.weight_bytes or a) * c.quantized + a * c.other + 4 * c.fp32
     return per
 
 
 def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Mapping[str, Any] = UMT5_XXL,
-             vae_params: int = WAN_VAE_PARAMS, vram_gb: float | None = None, suggest: bool = True) -> Estimate:
-    c = count_transformer(transformer_config, s.transformer, s.exclude, s.modules)
+             vae_params: int = WAN_VAE_PARAMS, vram_gb: float | None = None,
+             remedies: Iterable[Remedy] | None = None) -> Estimate:
+    """The estimate of ``s``; with ``remedies`` and a card that is too small,
+    the suggestions that make it fit."""
+    c = count_transformer(transformer_config, s.weight_bytes is not None, s.quantize_exclude, s.modules)
     a = DTYPE_BYTES[s.dtype]
     expert = expert_weight_bytes(s, c)
-    ara = a * s.ara_rank * c.quantized_io if s.transformer.endswith("+ara") else 0.0
+    ara = a * s.ara_rank * c.quantized_io if s.weight_bytes is not None else 0.0
     lora = 4 * s.rank * c.lora_io
     opt = OPTIMIZER_BYTES[s.optimizer] / 4 * lora
     embed, linear = umt5_params(text_config)
     te_full = a * (embed + linear)
-    te_q = a * embed + (QUANT_BYTES[s.text_encoder] or a) * linear
+    te_q = a * embed + (s.text_encoder_bytes or a) * linear
     vae = 4 * vae_params
     vae_work = VAE_BYTES_PER_PIXEL * s.height * s.width * s.batch_size
     acts = activation_bytes(s, c)
-    on_gpu_experts = 1 if s.offload_experts else s.experts
-    streamed = round(s.offload_layers * c.blocks) / c.blocks if c.blocks else 0.0
+    on_gpu_experts = 1 if s.idle_expert_on_host else s.experts
+    streamed = round(s.streamed_layers * c.blocks) / c.blocks if c.blocks else 0.0
     stream_keep = (1 - streamed * c.block_fraction) if streamed else 1.0
     stream_buffer = (2 / c.blocks) * c.block_fraction * (expert + ara) if streamed else 0.0
     w_gpu = on_gpu_experts * (expert + ara) * stream_keep + stream_buffer
     lora_gpu = on_gpu_experts * (lora + opt) + lora  # + gradients of the active expert
-    te_train = 0.0 if s.text_cache else te_q
-    vae_train = 0.0 if s.latent_cache else vae
+    te_train = 0.0 if s.text_states_cached else te_q
+    vae_train = 0.0 if s.latents_cached else vae
     ctx = CUDA_OVERHEAD_GIB * GiB
     start = te_q + vae + ctx  # the encoder is quantized on the host, then moved
-    cache_experts = 0.0 if s.offload_experts else s.experts * (expert + ara) * stream_keep
-    caching = (te_q + vae + vae_work + cache_experts + ctx) if (s.text_cache or s.latent_cache) else 0.0
-    train_step = w_gpu + lora_gpu + te_train + vae_train + ctx + max(acts, 0.0 if s.latent_cache else vae_work)
+    cache_experts = 0.0 if s.idle_expert_on_host else s.experts * (expert + ara) * stream_keep
+    caching = (te_q + vae + vae_work + cache_experts + ctx) if (s.text_states_cached or s.latents_cached) else 0.0
+    train_step = w_gpu + lora_gpu + te_train + vae_train + ctx + max(acts, 0.0 if s.latents_cached else vae_work)
     phases = {"start": start, "caching": caching, "training": train_step}
     phase = max(phases, key=phases.get)
     # host RAM
-    host_experts = (s.experts * (expert + ara)) if s.offload_experts else (s.experts * (expert + ara) * streamed * c.block_fraction)
-    host_lora = (s.experts - 1) * (lora + opt) if s.offload_experts else 0.0
-    host_te = te_q if (s.text_cache and not s.text_unload) else 0.0
+    host_experts = (s.experts * (expert + ara)) if s.idle_expert_on_host else (s.experts * (expert + ara) * streamed * c.block_fraction)
+    host_lora = (s.experts - 1) * (lora + opt) if s.idle_expert_on_host else 0.0
+    host_te = te_q if (s.text_states_cached and not s.text_encoder_unloaded) else 0.0
     load_block = (c.block_fraction * (a * (c.quantized + c.other) + 4 * c.fp32)) / c.blocks
-    load_peak = expert + ara + (load_block if s.transformer != "none" else 0.0)
+    load_peak = expert + ara + (load_block if s.weight_bytes is not None else 0.0)
     host_base = HOST_BASELINE_GIB * GiB
     host_steady = host_base + host_experts + host_lora + host_te
-    parked_before = (s.experts - 1) * (expert + ara) if s.offload_experts else 0.0  # loaded earlier, parked
+    parked_before = (s.experts - 1) * (expert + ara) if s.idle_expert_on_host else 0.0  # loaded earlier, parked
     host_loading = host_base + parked_before + load_peak
     host_peak = max(host_base + te_full, host_loading, host_steady)
     G = lambda x: x / GiB  # noqa: E731
     tokens = video_tokens(s, c.patch)
-    q_note = s.transformer if s.transformer != "none" else s.dtype
     rows = [
-        (f"transformer weights x{on_gpu_experts} ({q_note})", G(on_gpu_experts * expert * stream_keep),
-         G(s.experts * expert if s.offload_experts else host_experts), f"{G(expert):.2f} GiB per expert"),
+        (f"transformer weights x{on_gpu_experts} ({s.weights_label})", G(on_gpu_experts * expert * stream_keep),
+         G(s.experts * expert if s.idle_expert_on_host else host_experts), f"{G(expert):.2f} GiB per expert"),
         ("ARA (rank %d)" % s.ara_rank if ara else "ARA", G(on_gpu_experts * ara * stream_keep), 0.0, "" if ara else "none"),
         ("streamed-block buffers", G(stream_buffer), 0.0, f"{round(streamed * c.blocks)} of {c.blocks} blocks streamed" if streamed else "layers = 0"),
         (f"LoRA rank {s.rank} + grads + {s.optimizer} state", G(lora_gpu), G(host_lora), f"{G(lora):.2f} GiB of fp32 LoRA per expert"),
         (f"activations ({tokens} tokens, {'checkpointing' if s.checkpointing else 'no checkpointing'})", G(acts), 0.0,
          f"{G(block_activation_bytes(s, c.dim, c.ffn)[0] * tokens):.2f} GiB per block"),
-        (f"text encoder ({s.text_encoder if s.text_encoder != 'none' else s.dtype})", G(te_train), G(host_te),
-         "cached, off the GPU" if s.text_cache else "stays on the GPU"),
-        ("VAE (fp32) + encode work", G(vae_train + (0 if s.latent_cache else vae_work)), 0.0,
-         "latents cached, off the GPU" if s.latent_cache else "encodes every step"),
+        (f"text encoder ({s.text_encoder_label})", G(te_train), G(host_te),
+         "cached, off the GPU" if s.text_states_cached else "stays on the GPU"),
+        ("VAE (fp32) + encode work", G(vae_train + (0 if s.latents_cached else vae_work)), 0.0,
+         "latents cached, off the GPU" if s.latents_cached else "encodes every step"),
         ("CUDA context + allocator slack", CUDA_OVERHEAD_GIB, 0.0, ""),
         ("start: text encoder (quantized on the host) + VAE", G(start), G(host_base + te_full), "transient"),
-        ("host: process + expert loading", 0.0, G(host_loading), "quantized so far + one layer" if s.transformer != "none" else "bf16 expert"),
+        ("host: process + expert loading", 0.0, G(host_loading), "quantized so far + one layer" if s.weight_bytes is not None else "bf16 expert"),
     ]
     if caching:
         rows.insert(-2, ("caching phase (text encoder + VAE working)", G(caching), 0.0, "before the first step"))
     est = Estimate(rows=rows, gpu_peak=G(phases[phase]), host_peak=G(host_peak), phase=phase, tokens=tokens, vram=vram_gb)
-    if suggest and vram_gb is not None and not est.fits:
-        est = attrs.evolve(est, suggestions=suggestions(s, transformer_config, text_config, vae_params, vram_gb))
+    if remedies is not None and vram_gb is not None and not est.fits:
+        est = attrs.evolve(est, suggestions=suggestions(s, remedies, transformer_config, text_config, vae_params, vram_gb))
     return est
 
 
-_LADDER = {"none": "qfloat8", "qfloat8": "qint8", "qint8": "qint4+ara", "qint4": "qint4+ara"}
-
-
-def suggestions(s: Settings, tcfg, text_cfg, vae_params, vram: float) -> list[str]:
-    """Changes, applied one after the other, until the estimate fits."""
-    steps: list[tuple[str, dict]] = []
-    if not s.checkpointing:
-        steps.append(("[model] gradient_checkpointing = true", {"checkpointing": True}))
-    if not s.text_cache:
-        steps.append(('enable the "text_cache" plugin (text encoder off the GPU after caching)', {"text_cache": True}))
-    if not s.latent_cache:
-        steps.append(('enable the "latent_cache" plugin and cache_latents = true (VAE off the GPU)', {"latent_cache": True}))
-    q = s.transformer
-    while q in _LADDER:
-        q = _LADDER[q]
-        steps.append((f'[plugins.quantize] transformer = "{q}"', {"transformer": q}))
-    if not s.offload_experts:
-        steps.append(("[plugins.offload] experts = true", {"offload_experts": True}))
+def suggestions(s: Settings, remedies: Iterable[Remedy], tcfg, text_cfg, vae_params, vram: float) -> list[str]:
+    """The remedies, applied one after the other (in ``order``), until the
+    estimate fits; the last line says what is left when none suffices."""
     out, cur = [], s
-    for text, change in steps:
-        cur = attrs.evolve(cur, **change)
-        e = estimate(cur, tcfg, text_cfg, vae_params, vram, suggest=False)
-        out.append(f"{text}  -> peak {e.gpu_peak:.1f} GiB")
+    ordered = sorted(remedies, key=lambda r: r.order)
+    for i, remedy in enumerate(ordered):
+        cur = attrs.evolve(cur, **remedy.changes)
+        e = estimate(cur, tcfg, text_cfg, vae_params, vram)
+        last_of_kind = i + 1 == len(ordered) or ordered[i + 1].order != remedy.order
+        if not remedy.quiet or e.fits or last_of_kind:
+            out.append(f"{remedy.text}  -> peak {e.gpu_peak:.1f} GiB")
         if e.fits:
             return out
-    for layers in (0.25, 0.5, 0.75, 1.0):
-        if layers <= cur.offload_layers:
-            continue
-        e = estimate(attrs.evolve(cur, offload_layers=layers, checkpointing=True), tcfg, text_cfg, vae_params, vram, suggest=False)
-        if e.fits or layers == 1.0:
-            out.append(f"[plugins.offload] layers = {layers}  -> peak {e.gpu_peak:.1f} GiB")
-            if e.fits:
-                return out
     out.append("lower the resolution or num_frames of the datasets (activations grow with frames x height x width)")
     return out
+
+
+def kernel_remedies(s: Settings) -> list[Remedy]:
+    return [] if s.checkpointing else [Remedy(0, "[model] gradient_checkpointing = true", {"checkpointing": True})]
 
 
 # ---------------------------------------------------------------- from a profile
@@ -370,18 +383,36 @@ def _count_vae(config_path: Path) -> int:
     return sum(p.numel() for p in vae.parameters())
 
 
-def estimate_profile(profile, vram_gb: float | None = None) -> tuple[Estimate, str]:
+def estimate_profile(profile, pm, vram_gb: float | None = None) -> tuple[Estimate, Settings, list[str], str]:
+    """(estimate, settings, one note per plugin that changed them, model origin).
+
+    ``pm`` is the run's plugin manager: each enabled plugin states what it
+    changes (``estimate_memory``); every available plugin may offer a remedy
+    (``memory_remedies``, asked of the plugin catalogue)."""
+    from .. import registry
+
+    base = kernel_settings(profile)
+    changes: dict[str, Any] = {}
+    notes = []
+    for name, found in registry.call_each(pm, "estimate_memory", profile=profile, memory=base).items():
+        found = dict(found or {})
+        note = found.pop("note", None)
+        if note:
+            notes.append(f"{name}: {note}")
+        changes.update(found)
+    s = attrs.evolve(base, **changes)
+    remedies = kernel_remedies(s)
+    for found in registry.catalogue(profile).hook.memory_remedies(profile=profile, memory=s):
+        remedies += list(found or [])
     tcfg, text, vae_params, origin = configs_for(profile.model.name_or_path)
-    return estimate(settings_from_profile(profile), tcfg, text, vae_params, vram_gb), origin
+    return estimate(s, tcfg, text, vae_params, vram_gb, remedies=remedies), s, notes, origin
 
 
-def report(profile, vram_gb: float | None = None) -> str:
-    est, origin = estimate_profile(profile, vram_gb)
-    s = settings_from_profile(profile)
+def report(profile, pm, vram_gb: float | None = None) -> str:
+    est, s, notes, origin = estimate_profile(profile, pm, vram_gb)
     head = (f"model: {origin}\nrun: {s.frames} frames at {s.width}x{s.height}, batch {s.batch_size} -> {est.tokens} video tokens; "
-            f"transformer {s.transformer}, text encoder {s.text_encoder}, offload experts={str(s.offload_experts).lower()} "
-            f"layers={s.offload_layers:g}, checkpointing={str(s.checkpointing).lower()}")
-    lines = [head, "", est.table(), ""]
+            f"weights {s.weights_label}, text encoder {s.text_encoder_label}, checkpointing={str(s.checkpointing).lower()}")
+    lines = [head, *notes, "", est.table(), ""]
     if vram_gb is None:
         lines.append(f"peak GPU memory ~{est.gpu_peak:.1f} GiB, host RAM ~{est.host_peak:.1f} GiB (pass --vram-gb N to check a card)")
     elif est.fits:

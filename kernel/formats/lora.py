@@ -1,0 +1,508 @@
+"""LoRA files: module-name maps, every layout read into :class:`LoraWeights`,
+the two layouts written, the metadata of our files, ``lora-info`` lines, and
+:func:`read_lora_sources` -- which weights each expert gets from a path
+(``[target] init_from`` and ``wantrain sample --lora`` alike).
+
+The table of layouts is in :mod:`wantrain.formats`. Inside wantrain a module
+is named as in diffusers' ``WanTransformer3DModel`` (``blocks.0.attn1.to_q``);
+files may use those names or the original Wan / ComfyUI ones
+(``blocks.0.self_attn.q``), under any of the prefixes below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import attrs
+import torch
+
+from .. import __version__
+from ..errors import ProfileProblem, WantrainError
+from ..model import EXPERTS
+from . import safetensors as st
+from . import state as state_files
+
+log = logging.getLogger("wantrain")
+
+# ---------------------------------------------------------------- module names
+
+#: diffusers module path inside a block  ->  original Wan / ComfyUI name
+DIFFUSERS_TO_COMFY = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+COMFY_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_TO_COMFY.items()}
+#: layers outside the blocks (read in ARA files): original Wan name -> diffusers name
+TOP_COMFY_TO_DIFFUSERS = {
+    "head.head": "proj_out",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+}
+TOP_DIFFUSERS_TO_COMFY = {v: k for k, v in TOP_COMFY_TO_DIFFUSERS.items()}
+#: prefixes before the module name, stripped in this order (``model.diffusion_model.`` is the original checkpoints')
+_OUTER = ("base_model.model.", "model.", "diffusion_model.", "transformer.")
+#: the expert part of a two-expert file (ai-toolkit's DualWanTransformer3DModel; diffusers' transformer_2)
+EXPERT_TAGS = {"transformer_1.": "high_noise", "transformer_2.": "low_noise"}
+#: the written layouts
+WRITTEN = ("comfyui", "diffusers")
+
+EXPECTED = ("expected keys like diffusion_model.blocks.0.self_attn.q.lora_A.weight (ComfyUI), "
+            "transformer.blocks.0.attn1.to_q.lora_A.weight (diffusers), "
+            "lora_unet_blocks_0_self_attn_q.lora_down.weight (kohya), "
+            "diffusion_model.transformer_1.blocks.0.self_attn.q.lora_A.weight (ai-toolkit, both experts)")
+
+
+class Module(NamedTuple):
+    """Where a tensor name points: the expert its prefix names (or None),
+    the diffusers module name, the naming it was written in
+    (``comfyui`` | ``diffusers`` | ``other``) and the outer prefix."""
+
+    expert: str | None
+    name: str
+    naming: str
+    outer: str
+
+
+def module_name(name: str) -> Module:
+    """``diffusion_model.transformer_1.blocks.0.self_attn.q`` ->
+    ``Module("high_noise", "blocks.0.attn1.to_q", "comfyui", "diffusion_model.")``."""
+    outer = ""
+    for prefix in _OUTER:
+        if name.startswith(prefix):
+            outer, name = outer + prefix, name[len(prefix):]
+    tag = next((t for t in EXPERT_TAGS if name.startswith(t)), None)
+    if tag:
+        name = name[len(tag):]
+    expert = EXPERT_TAGS.get(tag or "")
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    if m and m.group(2) in COMFY_TO_DIFFUSERS:
+        return Module(expert, f"blocks.{m.group(1)}.{COMFY_TO_DIFFUSERS[m.group(2)]}", "comfyui", outer)
+    if m and m.group(2) in DIFFUSERS_TO_COMFY:
+        return Module(expert, name, "diffusers", outer)
+    if name in TOP_COMFY_TO_DIFFUSERS:
+        return Module(expert, TOP_COMFY_TO_DIFFUSERS[name], "comfyui", outer)
+    return Module(expert, name, "diffusers" if name in TOP_DIFFUSERS_TO_COMFY else "other", outer)
+
+
+def comfy_name(name: str) -> str:
+    """``blocks.0.attn1.to_q`` -> ``blocks.0.self_attn.q`` (top-level layers too)."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    if m and m.group(2) in DIFFUSERS_TO_COMFY:
+        return f"blocks.{m.group(1)}.{DIFFUSERS_TO_COMFY[m.group(2)]}"
+    return TOP_DIFFUSERS_TO_COMFY.get(name, name)
+
+
+def block_kind(name: str) -> str:
+    """``blocks.3.attn1.to_q`` -> ``attn1.to_q`` (the name ``[target] modules`` uses)."""
+    return name.split(".", 2)[2]
+
+
+# ---------------------------------------------------------------- tensor names
+
+_PART = re.compile(r"^(?P<head>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$|^(?P<ahead>.+)\.alpha$")
+_KOHYA = re.compile(r"^lora_unet_blocks_(\d+)_(\w+?)\.(?:(lora_down|lora_up|lora_A|lora_B)\.weight|alpha)$")
+_UNDERSCORED = {**{c.replace(".", "_"): d for c, d in COMFY_TO_DIFFUSERS.items()},
+                **{d.replace(".", "_"): d for d in DIFFUSERS_TO_COMFY}}
+_PARTS = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B", None: "alpha"}
+
+
+class TensorName(NamedTuple):
+    """One tensor of a LoRA file: its module, ``A`` | ``B`` | ``alpha``, and the layout its name is written in."""
+
+    module: Module
+    part: str
+    layout: str
+
+
+def tensor_name(key: str) -> TensorName | None:
+    """What a LoRA tensor name means, or None when it is not a trainable
+    block module of a Wan transformer."""
+    m = _KOHYA.match(key)
+    if m:
+        block, path, part = m.groups()
+        if path not in _UNDERSCORED:
+            return None
+        return TensorName(Module(None, f"blocks.{block}.{_UNDERSCORED[path]}", "kohya", "lora_unet_"), _PARTS[part], "kohya")
+    m = _PART.match(key)
+    if not m:
+        return None
+    module = module_name(m["head"] or m["ahead"])
+    if module.naming == "other" or not module.name.startswith("blocks."):
+        return None
+    part = _PARTS[m["part"]]
+    if module.naming == "diffusers":
+        layout = "diffusers"
+    else:
+        layout = "comfyui-down-up" if m["part"] in ("lora_down", "lora_up") else "comfyui"
+    return TensorName(module, part, layout)
+
+
+# ---------------------------------------------------------------- LoraWeights
+
+
+@attrs.define
+class LoraWeights:
+    """One expert's LoRA in diffusers module names: ``{"blocks.0.attn1.to_q": (A, B)}``
+    with the alpha of each module (scale = alpha / rank)."""
+
+    layout: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    alphas: dict[str, float]
+    expert: str | None = None
+    metadata: dict[str, str] = attrs.Factory(dict)
+    skipped: list[str] = attrs.Factory(list)
+    #: the file or folder it was read from (named by error messages)
+    source: str = ""
+    #: the expert comes from the tensor names (one half of a two-expert file)
+    combined: bool = False
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({a.shape[0] for a, _ in self.modules.values()})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.modules.values()))[0].dtype
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """fp32 tensors in the kernel's names (``blocks.0.attn1.to_q.lora_A.weight``), as stored."""
+        out = {}
+        for name, (a, b) in self.modules.items():
+            out[f"{name}.lora_A.weight"] = a.float()
+            out[f"{name}.lora_B.weight"] = b.float()
+        return out
+
+    def delta_state(self, alpha: float) -> dict[str, torch.Tensor]:
+        """fp32 kernel-named tensors for an adapter whose scale is ``alpha / rank``
+        (``lora_B`` rescaled so that the product is unchanged)."""
+        out = {}
+        for name, (a, b) in self.modules.items():
+            factor = self.alphas[name] / alpha
+            out[f"{name}.lora_A.weight"] = a.float()
+            out[f"{name}.lora_B.weight"] = b.float() if factor == 1.0 else b.float() * factor
+        return out
+
+
+def unreadable(path: Any, what: str, **got: Any) -> WantrainError:
+    """``error: <path>: not a LoRA wantrain can read: <what>; expected keys like ...``"""
+    return WantrainError(ProfileProblem(str(path), f"not a LoRA wantrain can read: {what}", fix=EXPECTED, **got))
+
+
+def from_state(state: Mapping[str, torch.Tensor], alpha: float, **fields: Any) -> LoraWeights:
+    """Kernel-named tensors (``blocks.0.attn1.to_q.lora_A.weight``, as
+    :func:`wantrain.lora.lora_state` returns them) at one alpha -> LoraWeights."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, _, rest = re.sub(r"\.default(?=\.weight$)", "", key).rpartition(".lora_")
+        if rest not in ("A.weight", "B.weight"):
+            raise ValueError(f"unexpected LoRA key {key}")
+        parts.setdefault(name, {})[rest[0]] = tensor
+    modules = {n: (p["A"], p["B"]) for n, p in sorted(parts.items(), key=lambda kv: _natural(kv[0]))}
+    fields.setdefault("layout", "wantrain")
+    return LoraWeights(modules=modules, alphas={n: float(alpha) for n in modules}, **fields)
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path | None = None) -> dict[str | None, LoraWeights]:
+    """Every expert's weights in one file's tensors: ``{"high_noise": w,
+    "low_noise": w}`` for a two-expert file, else ``{w.expert: w}`` (None when
+    the file names no expert). Tensors of no trainable module are listed in
+    ``skipped``; a file with none at all is a WantrainError."""
+    where = path or "LoRA"
+    named = {key: tensor_name(key) for key in tensors}
+    combined = any(n and n.module.expert for n in named.values())
+    groups: dict[str | None, dict[str, dict[str, torch.Tensor]]] = {}
+    layouts, skipped = set(), []
+    for key, n in named.items():
+        expert = n.module.expert if n else None
+        if n and combined and expert is None and n.module.outer == "transformer.":
+            expert = "high_noise"  # diffusers' two-expert naming: transformer. + transformer_2.
+        if n is None or (combined and expert is None):
+            skipped.append(key)
+            continue
+        layouts.add(n.layout)
+        groups.setdefault(expert, {}).setdefault(n.module.name, {})[n.part] = tensors[key]
+    if not groups:
+        raise unreadable(where, "no LoRA tensors of a Wan transformer", got=", ".join(sorted(tensors)[:3]) or "no tensors")
+    layout = _layout(layouts, named, path)
+    if not combined:  # one set of weights: the metadata or the file name may say whose
+        groups = {_expert_of(metadata, path): groups[None]}
+    return {expert: _weights(parts, layout, metadata, path, expert, skipped, combined) for expert, parts in groups.items()}
+
+
+def _layout(layouts: set[str], named: Mapping[str, TensorName | None], path: Path | None) -> str:
+    if any(n and n.module.expert == "high_noise" for n in named.values()):
+        return "ai-toolkit"  # DualWanTransformer3DModel: transformer_1 / transformer_2
+    if layouts == {"comfyui", "comfyui-down-up"}:  # only the .alpha names said "comfyui"
+        layouts = {"comfyui-down-up"}
+    layout = layouts.pop() if len(layouts) == 1 else "mixed"
+    has_alpha = any(n and n.part == "alpha" for n in named.values())
+    if layout == "comfyui" and not has_alpha and path is not None and (path.parent / "adapter_config.json").is_file():
+        return "diffusion-pipe"  # adapter_model.safetensors + the PEFT config beside it
+    return layout
+
+
+def _weights(parts: Mapping[str, Mapping[str, torch.Tensor]], layout: str, metadata: Mapping[str, str], path: Path | None,
+             expert: str | None, skipped: list[str], combined: bool) -> LoraWeights:
+    incomplete = [m for m, p in parts.items() if "A" not in p or "B" not in p]
+    if incomplete:
+        raise unreadable(path or "LoRA", f"{incomplete[0]} lacks its lora_A or lora_B")
+    config = _peft_config(metadata, path) if any("alpha" not in p for p in parts.values()) else {}
+    modules, alphas = {}, {}
+    for name, p in sorted(parts.items(), key=lambda kv: _natural(kv[0])):
+        modules[name] = (p["A"], p["B"])
+        rank = p["A"].shape[0]
+        alphas[name] = float(p["alpha"].float().item()) if "alpha" in p else _alpha_for(name, config, rank)
+    return LoraWeights(layout=layout, modules=modules, alphas=alphas, expert=expert, metadata=dict(metadata),
+                       skipped=list(skipped), source=str(path or ""), combined=combined)
+
+
+def _peft_config(metadata: Mapping[str, str], path: Path | None) -> dict[str, Any]:
+    """PEFT alpha settings: diffusers' ``lora_adapter_metadata`` or an
+    ``adapter_config.json`` beside the file (PEFT, diffusion-pipe)."""
+    if metadata.get("lora_adapter_metadata"):
+        config = json.loads(metadata["lora_adapter_metadata"])
+        return {k.removeprefix("transformer.").removeprefix("transformer_2."): v for k, v in config.items()}
+    if path is not None and (path.parent / "adapter_config.json").is_file():
+        return json.loads((path.parent / "adapter_config.json").read_text(encoding="utf-8"))
+    return {}
+
+
+def _alpha_for(name: str, config: Mapping[str, Any], rank: int) -> float:
+    """A module's alpha from a PEFT config (``alpha_pattern``, then
+    ``lora_alpha``); without one, alpha = rank (scale 1, PEFT's and kohya's default)."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        for candidate in (name, comfy_name(name)):
+            if candidate == pattern or candidate.endswith("." + pattern) or re.fullmatch(pattern.lstrip("^"), candidate):
+                return float(alpha)
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else float(rank)
+
+
+def _expert_of(metadata: Mapping[str, str], path: Path | None) -> str | None:
+    if metadata.get("wantrain.expert") in EXPERTS:
+        return metadata["wantrain.expert"]
+    found = [e for e in EXPERTS if path is not None and e in path.name]
+    return found[0] if len(found) == 1 else None
+
+
+def read_file(path: str | Path, where: str | None = None) -> dict[str | None, LoraWeights]:
+    """Every expert's weights in a LoRA file of any layout (see :func:`parse`)."""
+    tensors, metadata = st.read(path, where)
+    return parse(tensors, metadata, Path(path))
+
+
+def read_lora(path: str | Path, expert: str | None = None) -> LoraWeights:
+    """The weights of one file: ``expert``'s half of a two-expert file, else the file's one set."""
+    found = read_file(path)
+    first = next(iter(found.values()))
+    if not first.combined:
+        return first
+    if expert in found:
+        return found[expert]
+    if expert is None and len(found) == 1:
+        return first
+    what = "holds both experts; name the one wanted" if expert is None else f"holds no {expert} weights"
+    raise WantrainError(ProfileProblem(str(path), what, sorted(e for e in found if e), "use its other half, or another file"))
+
+
+def read_checkpoint(folder: str | Path, where: str = "checkpoint",
+                    weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                    variant: str | None = None) -> dict[str, LoraWeights]:
+    """``{expert: weights}`` of a resume checkpoint: its fp32 LoRA weights, or
+    ``weights`` (kernel names per expert) that a plugin keeps in it (``variant``)."""
+    folder = Path(folder)
+    doc = state_files.read_doc(folder, where, "give a checkpoints/step_N folder or a LoRA .safetensors file")
+    per_expert = weights if weights is not None else state_files.read_weights(folder, doc["experts"])
+    profile = doc["profile"]
+    alpha, rank = float(profile["target.alpha"]), int(profile["target.rank"])
+    out = {}
+    for expert, tensors in per_expert.items():
+        meta = metadata(profile_toml="", step=int(doc["step"]), base_model=str(profile.get("model.name_or_path")),
+                        trigger_word=profile.get("job.trigger_word"), rank=rank, alpha=alpha, expert=expert)
+        if variant:
+            meta["wantrain.variant"] = variant
+        out[expert] = from_state(tensors, alpha, layout="wantrain checkpoint", expert=expert, metadata=meta,
+                                 source=str(folder))
+    return out
+
+
+def read_lora_sources(path: str | Path, experts: Sequence[str], *, where: str = "LoRA",
+                      prefix: bool = False) -> dict[str, LoraWeights]:
+    """Which weights each of ``experts`` gets from ``path``: a checkpoints/step_N
+    folder; a two-expert file (each expert its half); a file and its
+    high_noise/low_noise partner beside it; a file naming no expert (every
+    expert); with ``prefix``, also ``output/demo/demo`` for
+    ``output/demo/demo_{high,low}_noise.safetensors``. Experts the path holds
+    nothing for are absent."""
+    path = Path(path)
+    if path.is_dir():
+        return {e: w for e, w in read_checkpoint(path, where).items() if e in experts}
+    if not path.is_file():
+        pair = _prefix_files(path) if prefix else {}
+        if not pair:
+            example = "the prefix of a pair (output/demo/demo for output/demo/demo_high_noise.safetensors), " if prefix else ""
+            raise WantrainError(ProfileProblem(where, "no LoRA file found", str(path),
+                                               f"give {example}a LoRA .safetensors file or a checkpoints/step_N folder"))
+        return {e: read_lora(p, e) for e, p in pair.items() if e in experts}
+    found = read_file(path)
+    first = next(iter(found.values()))
+    if first.combined:
+        return {e: found[e] for e in experts if e in found}
+    if first.expert is None:
+        log.info("%s names no expert; it applies to %s", path.name, " and ".join(experts))
+        return {e: first for e in experts}
+    out = {first.expert: first}
+    other = next(e for e in EXPERTS if e != first.expert)
+    partner = path.with_name(path.name.replace(first.expert, other))
+    if partner != path and partner.is_file():
+        out[other] = read_lora(partner, other)
+    return {e: w for e, w in out.items() if e in experts}
+
+
+def _prefix_files(path: Path) -> dict[str, Path]:
+    prefix = re.sub(r"_(high|low)_noise\.safetensors$", "", str(path))
+    found = {e: Path(f"{prefix}_{e}.safetensors") for e in EXPERTS}
+    return {e: p for e, p in found.items() if p.is_file()}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def comfy_tensors(w: LoraWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Ours: ``diffusion_model.blocks.{i}.<Wan name>.lora_A.weight`` / ``lora_B.weight`` / ``.alpha``."""
+    out = {}
+    for name, (a, b) in w.modules.items():
+        base = f"diffusion_model.{comfy_name(name)}"
+        out[f"{base}.lora_A.weight"] = a.to(dtype).contiguous()
+        out[f"{base}.lora_B.weight"] = b.to(dtype).contiguous()
+        out[f"{base}.alpha"] = torch.tensor(w.alphas[name], dtype=dtype)
+    return out
+
+
+def diffusers_tensors(w: LoraWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT names under ``transformer.``, the scale ``alpha / rank`` folded into lora_B."""
+    out = {}
+    for name, (a, b) in w.modules.items():
+        scale = w.alphas[name] / a.shape[0]
+        out[f"transformer.{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        out[f"transformer.{name}.lora_B.weight"] = (b.float() * scale if scale != 1.0 else b).to(dtype).contiguous()
+    return out
+
+
+def to_comfy(state: Mapping[str, torch.Tensor], alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Kernel-named tensors at one alpha -> our file's tensors (what the trainer writes)."""
+    return comfy_tensors(from_state(state, alpha), dtype)
+
+
+def write(w: LoraWeights, fmt: str, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """One expert's weights as a ``comfyui`` or ``diffusers`` file, written atomically."""
+    dtype = dtype or w.dtype
+    meta = {k: v for k, v in w.metadata.items() if k != "lora_adapter_metadata"}
+    meta.update({"format": "pt", "wantrain.layout": fmt})
+    if w.expert:
+        meta["wantrain.expert"] = w.expert
+    if fmt == "diffusers":
+        rank = w.ranks[0]
+        meta.update({"wantrain.alpha": f"{rank:g}", "ss_network_alpha": f"{rank:g}",
+                     "wantrain.alpha_folded": ",".join(sorted({f"{a:g}" for a in w.alphas.values()}))})
+        tensors = diffusers_tensors(w, dtype)
+    else:
+        tensors = comfy_tensors(w, dtype)
+    return st.write_atomic(tensors, path, meta)
+
+
+def metadata(*, profile_toml: str, step: int | None, base_model: str, trigger_word: str | None, rank: int,
+             alpha: float, expert: str) -> dict[str, str]:
+    """The safetensors metadata of our LoRA files (``wantrain.profile`` only when a profile is given)."""
+    meta = {
+        "format": "pt",
+        "wantrain.version": __version__,
+        "wantrain.expert": expert,
+        "wantrain.step": "final" if step is None else str(step),
+        "wantrain.base_model": base_model,
+        "wantrain.rank": str(rank),
+        "wantrain.alpha": f"{alpha:g}",
+        "wantrain.trigger_word": trigger_word or "",
+        "wantrain.profile": profile_toml,
+        # read by tools that show kohya-style metadata
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": f"wan2.2_t2v_a14b_{expert}",
+    }
+    if not profile_toml:
+        del meta["wantrain.profile"]
+    return meta
+
+
+def lora_filename(name: str, expert: str, step: int | None) -> str:
+    return f"{name}_{expert}.safetensors" if step is None else f"{name}_{step:09d}_{expert}.safetensors"
+
+
+# ---------------------------------------------------------------- lora-info
+
+
+def describe(path: str | Path) -> list[str]:
+    """``wantrain lora-info``: layout, expert, modules, rank, alpha and metadata
+    of a file (each half of a two-expert file) or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        sections, head = read_checkpoint(path, "lora-info").values(), f"{path}: resume checkpoint"
+    else:
+        found = read_file(path)
+        sections = found.values()
+        head = f"{path}: both experts in one file" if next(iter(sections)).combined else None
+    if head is None:
+        return [str(path), *_describe_one(next(iter(sections)))]
+    lines = [head]
+    for w in sections:
+        lines += ["", *_describe_one(w)]
+    return lines
+
+
+def _describe_one(w: LoraWeights) -> list[str]:
+    blocks = sorted({int(n.split(".")[1]) for n in w.modules})
+    kinds = sorted({block_kind(n) for n in w.modules}, key=list(DIFFUSERS_TO_COMFY).index)
+    alphas, ranks = sorted(set(w.alphas.values())), w.ranks
+    scale = ", ".join(f"{a / r:g}" for a in alphas for r in ranks) if len(alphas) * len(ranks) <= 4 else "varies"
+    lines = [
+        f"layout: {w.layout}",
+        f"expert: {w.expert or 'unknown (no metadata, no high_noise/low_noise in the name)'}",
+        f"dtype: {str(w.dtype).removeprefix('torch.')}",
+        f"modules: {len(w.modules)} ({len(blocks)} blocks x {len(kinds)}: {', '.join(kinds)})",
+        f"rank: {', '.join(map(str, ranks))}",
+        f"alpha: {', '.join(f'{a:g}' for a in alphas)} (scale alpha/rank = {scale})",
+    ]
+    if w.metadata.get("wantrain.alpha_folded"):
+        lines.append(f"alpha folded into lora_B: {w.metadata['wantrain.alpha_folded']}")
+    if w.skipped:
+        lines.append(f"not read: {len(w.skipped)} tensors (e.g. {w.skipped[0]})")
+    meta = {k: v for k, v in w.metadata.items() if k != "format"}
+    if meta:
+        lines.append("metadata:")
+        for key in sorted(meta):
+            value = meta[key]
+            if key == "wantrain.profile":
+                value = f"<resolved profile, {len(value.splitlines())} lines of TOML>"
+            lines.append(f"  {key}: {value}")
+    return lines

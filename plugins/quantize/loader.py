@@ -1,0 +1,274 @@
+"""The streaming quantized loader: an expert never sits in host RAM in bf16.
+
+Loading a 14B expert the usual way holds the whole bf16 state dict (28 GB)
+in host RAM before anything is quantized. :func:`load_quantized_expert`
+never does: the module is built on the ``meta`` device from the subfolder's
+``config.json`` (:func:`wantrain.model.build_empty`), then the safetensors
+shards are read tensor by tensor, one layer at a time; each layer is
+materialised in the run's dtype, quantized with optimum-quanto and frozen,
+its accuracy-recovery adapter attached (:mod:`.ara`), and only then is the
+next layer read. Peak host memory is about the quantized model plus one bf16
+layer (see ``benchmarks/load_memory.py``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from wantrain.errors import ModelError, ProfileProblem
+from wantrain.model import build_empty
+
+log = logging.getLogger("wantrain.quant")
+
+TRANSFORMER_QTYPES = ("none", "qfloat8", "qint8", "qint4", "qint4+ara")
+TEXT_ENCODER_QTYPES = ("none", "qfloat8", "qint8")
+#: kept in high precision by default: embeddings (patch, text, time), the
+#: modulation (time projection, ``scale_shift_table`` -- a parameter, never
+#: quantized), every norm, and the output head.
+DEFAULT_EXCLUDE = ("patch_embedding", "condition_embedder.*", "*norm*", "proj_out")
+SINGLE_FILE = "diffusion_pytorch_model.safetensors"
+INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def quanto_qtype(name: str):
+    """``"qint4+ara"`` -> ``optimum.quanto.qint4`` (the ``+ara`` suffix is ours)."""
+    from optimum import quanto
+
+    base = name.split("+")[0]
+    return {"qfloat8": quanto.qfloat8, "qint8": quanto.qint8, "qint4": quanto.qint4}[base]
+
+
+def excluded(name: str, patterns: Iterable[str]) -> bool:
+    """fnmatch on the module's full name (``blocks.3.attn1.to_q``)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ---------------------------------------------------------------- files
+
+
+def subfolder_file(source, subfolder: str, filename: str) -> Path | None:
+    """A file of the model (local folder or hub), or None when it does not exist."""
+    if source.local:
+        path = Path(source.local) / subfolder / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source.repo, f"{subfolder}/{filename}", revision=source.revision))
+    except EntryNotFoundError:
+        return None
+
+
+def read_config(source, subfolder: str) -> dict:
+    path = subfolder_file(source, subfolder, "config.json")
+    if path is None:
+        raise ModelError(ProfileProblem("model.name_or_path", f"has no {subfolder}/config.json", source.spec))
+    return json.loads(path.read_text())
+
+
+def weight_map(source, subfolder: str) -> dict[str, Path]:
+    """``{tensor name: shard path}`` for a sharded or single-file subfolder."""
+    index = subfolder_file(source, subfolder, INDEX_FILE)
+    if index is not None:
+        names = json.loads(index.read_text())["weight_map"]
+        shards = {shard: subfolder_file(source, subfolder, shard) for shard in sorted(set(names.values()))}
+        return {key: shards[shard] for key, shard in names.items()}
+    single = subfolder_file(source, subfolder, SINGLE_FILE)
+    if single is None:
+        raise ModelError(ProfileProblem("model.name_or_path", f"has no safetensors weights in {subfolder}/", source.spec))
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as fh:
+        return {key: single for key in fh.keys()}
+
+
+def fingerprint(files: Iterable[Path]) -> str:
+    """Identifies the weights an SVD cache was computed from (names and sizes)."""
+    h = hashlib.sha256()
+    for f in sorted({Path(p) for p in files}):
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()[:16]
+
+
+def read_tensors(keys: Iterable[str], files: Mapping[str, Path]) -> dict[str, torch.Tensor]:
+    """Read ``keys`` into memory of their own, opening each shard once and
+    closing it right after, so no file stays mapped into this process."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(files[key], []).append(key)
+    out = {}
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as fh:
+            for key in names:
+                # a copy: safetensors may hand out views of its file mapping,
+                # and one small tensor kept (a bias) would keep the whole
+                # shard mapped and its pages in this process's RSS
+                out[key] = fh.get_tensor(key).clone()
+    return out
+
+
+# ---------------------------------------------------------------- the loader
+
+
+def _target_dtype(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    parts = name.split(".")
+    return torch.float32 if any(k in parts for k in keep) else dtype
+
+
+def materialise(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Put loaded tensors into a meta-initialised module (frozen, on the CPU)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, tensor in tensors.items():
+        set_module_tensor_to_device(module, name, "cpu", value=tensor, dtype=_target_dtype(module, name, dtype))
+
+
+def quantize_linears(
+    module: torch.nn.Module, qtype: str, exclude: Iterable[str], prefix: str = "", skip: tuple[str, ...] = (),
+    only: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Quantize (and freeze) every ``nn.Linear`` of ``module`` whose full name
+    (``prefix + name``) is not excluded -- or just the one named ``only``.
+    Returns the original weights of the quantized layers (``{full name:
+    tensor}``) for the caller to use or drop."""
+    from optimum.quanto import freeze, quantize
+
+    names, originals = [], {}
+    for name, sub in module.named_modules():
+        full = prefix + name
+        if (skip and name.startswith(skip)) or (only is not None and name != only):
+            continue
+        if type(sub) is torch.nn.Linear and not excluded(full, exclude):
+            names.append(name)
+            originals[full] = sub.weight.detach()
+    if names:
+        quantize(module, weights=quanto_qtype(qtype), include=names)
+        for name in names:
+            freeze(module.get_submodule(name))
+    return originals
+
+
+def quantized_linears(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, QLinear)`` pairs, peft wrappers looked through."""
+    from optimum.quanto.nn import QLinear
+
+    out = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, QLinear):
+            out.append((name.replace(".base_layer", ""), sub))
+    return out
+
+
+@torch.no_grad()
+def load_quantized_expert(
+    source,
+    subfolder: str,
+    *,
+    dtype: torch.dtype,
+    qtype: str,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+    ara=None,
+) -> torch.nn.Module:
+    """Build the expert on ``meta`` and stream it in, quantizing layer by layer.
+
+    Peak host memory: the quantized model so far plus one layer in ``dtype``.
+    With ``ara``, each quantized linear gets its recovery adapter while its
+    block is loaded (from the plan's file / cache, or by SVD of the residual).
+    """
+    exclude = tuple(exclude)
+    _glibc_mmap_large_allocations()
+    module = build_empty(read_config(source, subfolder))
+    files = weight_map(source, subfolder)
+    expected = set(module.state_dict().keys())
+    unknown = sorted(set(files) - expected)
+    if unknown:
+        log.warning("%s: %d tensors in the checkpoint have no place in the model (e.g. %s); ignored", subfolder, len(unknown), unknown[0])
+    groups: dict[int, list[str]] = {}
+    rest = []
+    for key in files:
+        if key not in expected:
+            continue
+        m = _BLOCK.match(key)
+        (groups.setdefault(int(m.group(1)), []) if m else rest).append(key)
+    if ara is not None:
+        ara.begin(files.values())
+    _load_group(module, "", rest, files, dtype, qtype, exclude, ara)
+    for i, block in enumerate(module.blocks):
+        _load_group(block, f"blocks.{i}.", groups.get(i, []), files, dtype, qtype, exclude, ara)
+        if (i + 1) % 10 == 0 or i + 1 == len(module.blocks):
+            log.debug("%s: %d/%d blocks loaded and quantized", subfolder, i + 1, len(module.blocks))
+    # (not state_dict(): quanto would unpack every quantized weight to serialise it)
+    missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise ModelError(ProfileProblem("model.name_or_path", f"{subfolder} lacks {len(missing)} weights (e.g. {missing[0]})", source.spec))
+    if ara is not None:
+        ara.finish()
+    return module.requires_grad_(False).eval()
+
+
+def _glibc_mmap_large_allocations() -> None:
+    """Have glibc serve allocations of 1 MiB and more with mmap.
+
+    Its default threshold rises after the first large free, after which a
+    block's bf16 tensors come from the heap, interleave with the small
+    quantized tensors that stay, and the freed space can never be given back:
+    measured, RSS grew by 6x the quantized size. With a fixed threshold every
+    freed bf16 tensor returns to the OS at once. No-op off glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # musl or another libc
+        pass
+
+
+def _load_group(module, prefix, keys, files, dtype, qtype, exclude, ara) -> None:
+    """Read ``keys`` (one block, or everything outside the blocks when
+    ``prefix`` is empty) one layer at a time: materialise a layer, quantize
+    it, attach its ARA, let its full-precision weight go, then the next --
+    so at most one layer's weights are in flight, not a whole block."""
+    # outside the blocks (prefix ""), the blocks themselves are still on meta
+    skip = ("blocks.",) if prefix == "" else ()
+    for layer, layer_keys in _by_layer(keys, prefix).items():
+        tensors = read_tensors(layer_keys, files)
+        materialise(module, {k[len(prefix):]: v for k, v in tensors.items()}, dtype)
+        del tensors
+        originals = quantize_linears(module, qtype, exclude, prefix=prefix, skip=skip, only=layer)
+        if ara is not None:
+            for full, weight in originals.items():
+                ara.attach(module, full[len(prefix):], full, weight)
+        del originals
+
+
+def _by_layer(keys: Iterable[str], prefix: str) -> dict[str, list[str]]:
+    """Group tensor names by the module that owns them (``attn1.to_q``)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key[len(prefix):].rpartition(".")[0], []).append(key)
+    return groups
+
+
+def quantize_module(module: torch.nn.Module, qtype: str, exclude: Iterable[str] = ()) -> int:
+    """Quantize every linear layer of an already loaded module in place (the
+    text encoder); returns how many layers were quantized."""
+    return len(quantize_linears(module, qtype, tuple(exclude)))
+
