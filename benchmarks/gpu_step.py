@@ -32,8 +32,9 @@ def build_expert(device: torch.device, ara_rank: int, seed: int = 0) -> torch.nn
     """A14B expert, random weights, each block made on the GPU then quantized."""
     from accelerate.utils import set_module_tensor_to_device
 
-    from wantrain.plugins.quantize import ara, loader
+    from wantrain import model
     from wantrain.commands.estimate import A14B_TRANSFORMER
+    from wantrain.plugins.quantize import ara, loader
 
     module = model.build_empty(A14B_TRANSFORMER)
     g = torch.Generator(device).manual_seed(seed)
@@ -78,7 +79,8 @@ def peak_flops(name: str, override: float | None) -> float:
 
 def run_config(module, params, layers: float, steps: int, device, inputs) -> tuple[float, float]:
     sys.path.insert(0, ".")
-    from wantrain.plugins.offload import BlockStreamer, ExpertHome, streamed_blocks
+    from wantrain.plugins.offload import streamed_blocks
+    from wantrain.plugins.offload.moves import BlockStreamer, ExpertHome
 
     streamer = None
     if layers > 0:
@@ -88,7 +90,7 @@ def run_config(module, params, layers: float, steps: int, device, inputs) -> tup
         placement: dict = {}
         for i in home.streamed:  # the streamed blocks' frozen weights go to pinned host memory
             for owner, slot, kind in home.block_slots(i):
-                from wantrain.plugins.offload import put
+                from wantrain.plugins.offload.moves import put
 
                 put(owner, slot, kind, home.host(owner, slot))
         streamer = BlockStreamer(home, device, placement, prefetch=True)
@@ -114,7 +116,7 @@ def run_config(module, params, layers: float, steps: int, device, inputs) -> tup
         streamer.reset()
         for i in streamer.order:  # back on the device for the next configuration
             for owner, slot, kind in streamer.home.block_slots(i):
-                from wantrain.plugins.offload import put, to_device
+                from wantrain.plugins.offload.moves import put, to_device
 
                 put(owner, slot, kind, to_device(streamer.home.host(owner, slot), device))
         streamer.remove()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from pathlib import Path
 
 import torch
 

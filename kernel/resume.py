@@ -40,13 +40,12 @@ from typing import Any, Iterator
 
 import attrs
 import torch
-from safetensors.torch import load_file
 
 from . import lora, registry
 from .errors import ProfileProblem, WantrainError
 from .formats import safetensors as st
 from .formats import state as state_files
-from .formats.state import FORMAT, LORA_FILE, STATE_JSON, TENSORS_FILE, VERSION, decode_tree, encode_tree
+from .formats.state import FORMAT, STATE_JSON, VERSION, encode_tree
 
 log = logging.getLogger("wantrain")
 
@@ -340,12 +339,9 @@ def restore(run, ckpt: Checkpoint | None) -> None:
     exists, before ``on_run_start``). The RNG states are set last."""
     if ckpt is None:
         return
-    tensors = load_file(str(ckpt.path / TENSORS_FILE))
-    tree = decode_tree(ckpt.state["tree"], tensors)
-    weights = load_file(str(ckpt.path / LORA_FILE))
-    for expert in run.trained:
-        prefix = f"{expert}."
-        lora.load_lora_state(run.experts[expert], {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    tree = state_files.read_tree(ckpt.path, ckpt.state)
+    for expert, weights in state_files.read_weights(ckpt.path, run.trained).items():
+        lora.load_lora_state(run.experts[expert], weights)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(tree["optimizer"])
     run.lr_scheduler.load_state_dict(tree["scheduler"])

@@ -45,18 +45,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import attrs
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from wantrain import hookimpl
 from wantrain.data.media import MediaError
 from wantrain.errors import ProfileProblem
+from wantrain.formats.safetensors import write_atomic
 from wantrain.profile import one_of
 from wantrain.run import Run
 
@@ -122,13 +121,7 @@ class LatentStore:
         path = self.path(data_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "data_key": data_key, "identity": self.identity, "source": source, "file_hash": file_hash}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({"latents": latents.detach().to("cpu", self.dtype).contiguous()}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_atomic({"latents": latents.detach().to("cpu", self.dtype)}, path, meta)
 
     def prune_stale(self, current: dict[str, str]) -> int:
         """Delete damaged entries and entries whose source file (a key of

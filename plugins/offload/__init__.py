@@ -58,7 +58,7 @@ from wantrain.run import Run
 
 log = logging.getLogger("wantrain.offload")
 
-from .moves import DEVICE, HOST, BlockStreamer, ExpertHome, frozen_slots, put, to_device, to_host  # noqa: F401
+from .moves import DEVICE, HOST, BlockStreamer, ExpertHome, frozen_slots, put
 
 
 @attrs.frozen(kw_only=True)

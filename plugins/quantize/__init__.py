@@ -35,7 +35,6 @@ Events: ``check_profile`` (ARA file rules), ``load_expert`` (answers unless
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import attrs
 

@@ -17,10 +17,9 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 

@@ -19,6 +19,7 @@ import pytest
 import tomli_w
 import torch
 
+from wantrain.formats import state as state_files
 from wantrain import resume
 from wantrain.commands.cli import main as cli
 from wantrain.errors import WantrainError
@@ -227,7 +228,7 @@ def test_state_tree_round_trips_optimizer_rng_and_odd_keys():
             "odd": {1: (2, "x"), "__tensor__": None}, "t": torch.arange(4, dtype=torch.bfloat16), "dt": torch.float16}
     tensors: dict = {}
     doc = json.loads(json.dumps(resume.encode_tree(tree, tensors)))
-    back = resume.decode_tree(doc, tensors)
+    back = state_files.decode_tree(doc, tensors)
     assert back["odd"] == {1: (2, "x"), "__tensor__": None}
     assert back["dt"] is torch.float16 and torch.equal(back["t"], tree["t"])
     expected = (np.random.rand(), random.random())

@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wantrain.plugins.quantize import ara, loader
+from wantrain.plugins.quantize import loader
 from wantrain.errors import ProfileError
 from wantrain.formats.safetensors import read as read_lora_file
 from wantrain.loop import train
 from wantrain.model import ModelSource
 from wantrain.plugins import offload
+from wantrain.plugins.offload import moves
 from wantrain.profile import load_profile
 
 
@@ -91,9 +92,9 @@ def test_host_copies_of_quantized_weights_round_trip(tiny_model, qtype, dtype):
     x = torch.randn(3, layer.in_features, dtype=dtype)
     with torch.no_grad():
         want = layer(x)
-        host = offload.to_host(layer.weight, pin=False)
+        host = moves.to_host(layer.weight, pin=False)
         assert type(host).__name__ in ("WeightQBitsTensor", "WeightQBytesTensor")  # portable layout on the host
-        offload.put(layer, "weight", "param", offload.to_device(host, torch.device("cpu")))
+        moves.put(layer, "weight", "param", moves.to_device(host, torch.device("cpu")))
         got = layer(x)
     assert torch.equal(got, want)
 
