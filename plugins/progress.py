@@ -14,7 +14,8 @@ wall-clock time between completed steps, so previews and saves count toward
 the ETA. While the bar is shown, log records are printed above it.
 
 Events: ``on_run_start`` (opens the bar), ``on_step`` (advances it),
-``on_run_end`` / ``on_exception`` (closes it).
+``generate_samples`` (a wrapper: the bar reads "rendering previews" while
+they render), ``on_run_end`` / ``on_exception`` (closes it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from wantrain.run import Run
 
 log = logging.getLogger("wantrain.progress")
 
-BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"  # tqdm puts ", " before the postfix
+BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"  # tqdm puts ", " before the postfix
 
 
 @attrs.frozen(kw_only=True)
@@ -144,6 +145,18 @@ class Plugin:
         elif log_due(self.config, step, self.tracker.total, *self._last_log, now):
             log.info("%s", self.tracker.line(step))
             self._last_log = (step, now)
+
+    @hookimpl(wrapper=True)
+    def generate_samples(self):
+        """While previews render (minutes on a real model), the bar says so
+        instead of looking stuck."""
+        if self.bar is None:
+            return (yield)
+        self.bar.set_description_str("rendering previews: ", refresh=True)
+        try:
+            return (yield)
+        finally:
+            self.bar.set_description_str("", refresh=True)
 
     @hookimpl
     def on_run_end(self):

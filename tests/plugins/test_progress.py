@@ -111,3 +111,31 @@ def test_real_run_logs_progress(profile_data, caplog):
     assert "high_noise" in lines[0] or "low_noise" in lines[0]
     loss = float(lines[-1].split("loss ")[1].split(" ")[0])
     assert 0 < loss < 10
+
+
+def test_bar_says_when_previews_render():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    plugin = Plugin(Config())
+    plugin.stream = stream = Tty()
+    run = SimpleNamespace(profile=SimpleNamespace(training=SimpleNamespace(steps=4)), step=0)
+    plugin.on_run_start(run=run)
+    around = plugin.generate_samples()
+    next(around)  # the previews render here
+    assert "rendering previews: " in stream.getvalue().splitlines()[-1].split("\r")[-1]
+    with pytest.raises(StopIteration) as done:
+        around.send(["samples/step_000000001/0.mp4"])
+    assert done.value.value == ["samples/step_000000001/0.mp4"]  # the renderer's answer passes through
+    assert not stream.getvalue().split("\r")[-1].startswith("rendering")  # the bar is itself again
+    plugin.on_run_end()
+
+
+def test_without_a_bar_previews_pass_through():
+    plugin = Plugin(Config(mode="log"))
+    around = plugin.generate_samples()
+    next(around)
+    with pytest.raises(StopIteration) as done:
+        around.send(["a.mp4"])
+    assert done.value.value == ["a.mp4"]
