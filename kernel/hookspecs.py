@@ -278,7 +278,8 @@ def on_step(run: "Run", step: int, metrics: "dict[str, Any]") -> None:
     """A step is complete. ``step`` counts completed optimizer steps (1-based,
     equal to ``run.step``); ``metrics`` has ``loss``, ``loss/<expert>``,
     ``lr``, ``grad_norm``, ``expert``, ``step_time``, ``samples_per_second``,
-    ``peak_memory_gb`` and any extra-loss names.
+    ``peak_memory_gb``, any extra-loss names and, on steps that drew a
+    regularization batch, ``loss/regularization``.
 
     Fires: after ``after_optimizer_step``, once per optimizer step. Saving and
     previews are triggered from here.

@@ -5,6 +5,7 @@ optimizer -> events. Optional behaviour is only ever a ``pm.hook.<event>``."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 
@@ -13,10 +14,11 @@ import torch
 from . import flow, lora, model
 from .data import build_train_data
 from .errors import ProfileError, ProfileProblem, WantrainError
-from .run import CORE, Run, StepContext, load_expert_into, load_frozen, open_run, peak_memory_gb
+from .run import CORE, Run, StepContext, load_expert_into, load_frozen, open_run, peak_memory_gb, write_profile
 from .lora import load_init_from
 from .optim import build_optimizer, build_scheduler
 from .profile import Profile
+from .formats.outdir import hold_output_dir, start_lineage
 from .resume import find_checkpoint, restore, save_final, save_on_stop, stop_on_signals
 
 log = logging.getLogger("wantrain")
@@ -69,23 +71,27 @@ def train(profile: Profile, resume: str = "auto") -> Run:
     """Run a whole training job and return the Run. ``resume``: ``"auto"``
     continues from the newest checkpoint in the output folder, ``"never"``
     refuses to, or a checkpoint folder. Ends with the final LoRA pair -- or,
-    stopped by SIGINT/SIGTERM, with a checkpoint to resume from."""
+    stopped by SIGINT/SIGTERM, with a checkpoint to resume from. One run per
+    output folder: the folder is locked for the run's life."""
     run = setup(profile)
-    try:
-        checkpoint = find_checkpoint(run, resume)  # profile checked against it before any weight loads
-        load(run)
-        restore(run, checkpoint)
-        run.pm.hook.on_run_start(run=run)
-        with stop_on_signals(run):
-            fit(run)
-        finish(run)
-        run.pm.hook.on_run_end(run=run)
-    except BaseException as exc:
-        run.pm.hook.on_exception(run=run, exc=exc)
-        raise
-    finally:
-        if run.data is not None:
-            run.data.close()
+    with hold_output_dir(run.output_dir):
+        try:
+            checkpoint = find_checkpoint(run, resume)  # profile checked against it before any weight loads
+            start_lineage(run, checkpoint)  # which checkpoints this run continues and rotates
+            write_profile(run)  # the run is accepted
+            load(run)
+            restore(run, checkpoint)
+            run.pm.hook.on_run_start(run=run)
+            with stop_on_signals(run):
+                fit(run)
+            finish(run)
+            run.pm.hook.on_run_end(run=run)
+        except BaseException as exc:
+            run.pm.hook.on_exception(run=run, exc=exc)
+            raise
+        finally:
+            if run.data is not None:
+                run.data.close()
     return run
 
 
@@ -101,15 +107,25 @@ def fit(run: Run) -> None:
     log_every = max(1, steps // 20)
     while run.step < steps and not run.stop_requested:
         metrics = train_step(run)
+        if metrics is None:  # a skipped non-finite step
+            continue
         history.append(metrics["loss"])
-        if len(first) < 50:
+        if len(first) < 100:  # up to 100: a run shorter than that is summarised by its two halves
             first.append(metrics["loss"])
         if run.step % log_every == 0 or run.step == steps:
             log.debug("step %d/%d  loss %.4f (avg of last %d)  %s", run.step, steps,
                      sum(history) / len(history), len(history), metrics["expert"])
     if first:
-        log.info("loss: first %d steps avg %.4f -> last %d steps avg %.4f",
-                 len(first), sum(first) / len(first), len(history), sum(history) / len(history))
+        log.info("%s", loss_summary(first, list(history)))
+
+
+def loss_summary(first: list[float], last: list[float]) -> str:
+    """First 50 losses against the last 50; under 100 steps (``first`` holds all), first half against second."""
+    if len(first) == 1:
+        return f"loss: {first[0]:.4f} (1 step)"
+    head, tail = (first[:50], last) if len(first) >= 100 else (first[: len(first) // 2], first[len(first) // 2:])
+    return (f"loss: first {len(head)} steps avg {sum(head) / len(head):.4f} -> "
+            f"last {len(tail)} steps avg {sum(tail) / len(tail):.4f}")
 
 
 def finish(run: Run) -> None:
@@ -123,9 +139,10 @@ def finish(run: Run) -> None:
     log.info("wrote %s", ", ".join(paths.values()))
 
 
-def train_step(run: Run) -> dict:
+def train_step(run: Run) -> dict | None:
     """One optimizer step: gradient accumulation over micro-batches, clipping,
-    the optimizer and schedule, then ``on_step``."""
+    the optimizer and schedule, then ``on_step``. None: the step was skipped
+    (a nan/inf loss or gradient, ``on_nonfinite = "skip"``)."""
     t0 = time.perf_counter()
     hook, tcfg = run.pm.hook, run.profile.training
     expert = hook.select_expert(run=run, step=run.step)
@@ -142,6 +159,8 @@ def train_step(run: Run) -> dict:
     params = run.lora_parameters[expert]
     max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
     run.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not (math.isfinite(sums["loss"]) and math.isfinite(run.grad_norm)):  # the floats above: no extra sync
+        return skip_or_stop(run, sums["loss"])
     hook.before_optimizer_step(run=run)
     run.optimizer.step()
     run.lr_scheduler.step()
@@ -164,6 +183,21 @@ def train_step(run: Run) -> dict:
     return metrics
 
 
+def skip_or_stop(run: Run, loss: float) -> None:
+    """A nan/inf loss or gradient norm: the update is dropped (weights, optimizer, schedule, step
+    count untouched); ``on_nonfinite`` "stop" ends the run, "skip" retries on the next batch."""
+    tcfg, run.nonfinite_steps = run.profile.training, run.nonfinite_steps + 1
+    run.optimizer.zero_grad(set_to_none=True)
+    what, most = f"non-finite loss ({loss}) or gradient norm ({run.grad_norm})", tcfg.max_nonfinite_steps
+    if tcfg.on_nonfinite == "skip" and run.nonfinite_steps <= most:
+        log.warning("step %d: %s; skipped (%d of at most %d)", run.step + 1, what, run.nonfinite_steps, most)
+        return None
+    what += f", more than training.max_nonfinite_steps = {most} skipped" if tcfg.on_nonfinite == "skip" else ""
+    raise WantrainError(ProfileProblem(
+        f"step {run.step + 1}", f"{what}; the run stopped without applying it, earlier checkpoints are intact",
+        fix='lower training.lr and resume from the last checkpoint (training.on_nonfinite = "skip" skips such steps)'))
+
+
 def micro_step(run: Run, expert: str, batch) -> dict[str, torch.Tensor]:
     """Forward + losses + backward for one micro-batch; returns detached losses
     (tensors: no device sync here)."""
@@ -180,6 +214,8 @@ def micro_step(run: Run, expert: str, batch) -> dict[str, torch.Tensor]:
     if new_target is not None:
         target = new_target
     main = flow.flow_loss(pred, target, run.profile.training.loss)
+    if batch.prior_loss_weight is not None:  # prior preservation: a regularization dataset's loss at its weight
+        main = main * batch.prior_loss_weight
     ctx = StepContext(expert=expert, latents=latents, noise=noise, noisy=noisy, timesteps=timesteps,
                       text_states=text_states, pred=pred, target=target, loss=main)
     extras = {k: v for found in hook.compute_extra_losses(run=run, batch=batch, ctx=ctx) for k, v in (found or {}).items()}
@@ -187,6 +223,8 @@ def micro_step(run: Run, expert: str, batch) -> dict[str, torch.Tensor]:
     (total / run.profile.training.gradient_accumulation).backward()
     out = {"loss": total.detach(), "loss/main": main.detach()}
     out.update({f"loss/{k}": v.detach() for k, v in extras.items()})
+    if batch.prior_loss_weight is not None:
+        out["loss/regularization"] = main.detach()
     return out
 
 
@@ -199,6 +237,7 @@ def check(profile: Profile) -> list[ProfileProblem]:
     except ProfileError as exc:
         problems += exc.problems
     problems += model.check_model_source(profile.model.name_or_path)
+    problems += model.check_rank(profile.model.name_or_path, profile.target.rank, profile.target.modules)
     try:
         build_train_data(profile, seed=profile.job.seed).close()
     except WantrainError as exc:

@@ -16,8 +16,9 @@ from typing import Iterable, Mapping
 
 import torch
 
+from . import model
 from .errors import ProfileProblem, WantrainError
-from .formats.lora import LoraWeights, block_kind, read_lora_sources, unreadable
+from .formats.lora import LoraWeights, block_kind, read_expert_file, read_lora_sources, unreadable
 
 log = logging.getLogger("wantrain")
 
@@ -36,6 +37,7 @@ def attach_lora(module: torch.nn.Module, rank: int, alpha: float, modules: Itera
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    check_rank(module, rank, modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(modules), init_lora_weights=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -47,6 +49,16 @@ def attach_lora(module: torch.nn.Module, rank: int, alpha: float, modules: Itera
             param.requires_grad_(True)
             params.append(param)
     return params
+
+
+def check_rank(module: torch.nn.Module, rank: int, modules: Iterable[str]) -> None:
+    """``rank`` no wider than the narrowest targeted layer (WantrainError), before peft allocates anything."""
+    pattern = re.compile(target_regex(modules))
+    widths = {name: min(m.in_features, m.out_features) for name, m in module.named_modules()
+              if pattern.fullmatch(name) and hasattr(m, "in_features") and hasattr(m, "out_features")}
+    narrowest = min(widths, key=widths.get, default=None)
+    if narrowest is not None and rank > widths[narrowest]:
+        raise WantrainError(model.rank_problem(rank, narrowest, widths[narrowest]))
 
 
 def lora_layers(module: torch.nn.Module):
@@ -156,8 +168,13 @@ def load_init_from(run) -> None:
     value = run.profile.target.init_from
     if not value:
         return
-    path = run.profile.resolve_path(value)
-    sources = read_lora_sources(path, run.trained, where="target.init_from")
+    if isinstance(value, str):
+        path = run.profile.resolve_path(value)
+        sources = read_lora_sources(path, run.trained, where="target.init_from")
+    else:  # {high_noise = "...", low_noise = "..."}
+        path = "the init_from table"
+        sources = {e: read_expert_file(run.profile.resolve_path(v), e, f"target.init_from.{e}")
+                   for e, v in value.items() if e in run.trained}
     for expert in run.trained:
         w = sources.get(expert)
         if w is None:

@@ -85,6 +85,23 @@ def check_model_source(name_or_path: str) -> list[ProfileProblem]:
     return []
 
 
+def check_rank(name_or_path: str, rank: int, modules) -> list[ProfileProblem]:
+    """``wantrain check``: ``rank`` no wider than the narrowest targeted layer, from a local
+    ``transformer/config.json`` (a hub model is checked at load: :func:`wantrain.lora.check_rank`)."""
+    try:
+        config = json.loads((Path(name_or_path).expanduser() / "transformer" / "config.json").read_text())
+        dim, ffn = int(config["num_attention_heads"]) * int(config["attention_head_dim"]), int(config["ffn_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # not a local folder we can read: check_model_source says so
+    width, kind = min((min(dim, ffn) if m.startswith("ffn.") else dim, m) for m in modules)
+    return [rank_problem(rank, f"blocks.*.{kind}", width)] if rank > width else []
+
+
+def rank_problem(rank: int, layer: str, width: int) -> ProfileProblem:
+    return ProfileProblem("target.rank", f"is wider than the model allows: {layer} is {width} wide (a rank is at most the "
+                          "smaller of a layer's input and output sizes)", rank, f"use a rank <= {width}, or target fewer modules")
+
+
 # ---------------------------------------------------------------- loading
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -106,6 +107,21 @@ def non_empty(inst, attr, value):
         raise _Invalid("must not be empty", value, "give at least one value")
 
 
+#: longest job.name: the LoRA files add "_<step:09d>_<tag>_high_noise_raw.safetensors"
+#: (~50 characters) and most filesystems stop at 255 bytes
+MAX_NAME = 100
+
+
+@_named
+def file_name_part(inst, attr, value):
+    """A name that becomes part of file names inside the output folder."""
+    bad = any(c in "/\\" or ord(c) < 32 or c == "\x7f" for c in value)  # separators, NUL, newlines, ...
+    if bad or ".." in value or value.startswith(".") or len(value.encode()) > MAX_NAME:
+        raise _Invalid(f"must be a plain file name part: no '/', '\\', NUL or control characters, no '..', "
+                       f"no leading '.', at most {MAX_NAME} bytes", value,
+                       'use letters, digits, "_" or "-", e.g. name = "my_lora"')
+
+
 def nearest_frame_counts(n: int) -> tuple[int, int]:
     """The two valid frame counts (1 or 4k+1) around ``n``."""
     lower = max(1, ((n - 1) // 4) * 4 + 1)
@@ -144,7 +160,7 @@ def _default_output_dir(job: "JobConfig") -> str:
 
 @attrs.frozen(kw_only=True)
 class JobConfig:
-    name: str = attrs.field(validator=non_empty)
+    name: str = attrs.field(validator=[non_empty, file_name_part])
     output_dir: str = attrs.field(default=attrs.Factory(_default_output_dir, takes_self=True))
     device: str = attrs.field(default="auto")  # "auto" | "cpu" | "cuda" | "cuda:N"
     trigger_word: str | None = None
@@ -172,8 +188,9 @@ class TargetConfig:
     alpha: float = attrs.field(default=16.0, validator=positive)
     modules: tuple[str, ...] = attrs.field(default=LORA_MODULES, validator=non_empty)
     save_dtype: str = attrs.field(default="bf16", validator=one_of("bf16", "fp16", "fp32"))
-    #: start from an existing LoRA file (ours, diffusers/PEFT, kohya/musubi); see docs/checkpoints.md
-    init_from: str | None = None
+    #: start from an existing LoRA file (ours, diffusers/PEFT, kohya/musubi), or a table
+    #: {high_noise = "...", low_noise = "..."} with a file per expert; see docs/checkpoints.md
+    init_from: str | dict[str, str] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -189,6 +206,10 @@ class TrainingConfig:
     max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)  # 0 = no clipping
     loss: str = attrs.field(default="mse", validator=one_of("mse", "huber"))
     num_workers: int = attrs.field(default=2, validator=non_negative)  # decoding processes; 0 = in the loop
+    #: a step whose loss or gradient norm is nan/inf: "stop" the run (exit 2) or "skip" its update
+    on_nonfinite: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
+    #: with "skip": more skipped steps than this in one `wantrain run` stops it
+    max_nonfinite_steps: int = attrs.field(default=10, validator=non_negative)
 
 
 @attrs.frozen(kw_only=True)
@@ -205,7 +226,15 @@ class DatasetConfig:
     flip_x: bool = False
     flip_y: bool = False
     is_regularization: bool = False
+    #: prior preservation: the loss of this dataset's batches is multiplied by it (regularization datasets only)
+    prior_loss_weight: float = attrs.field(default=1.0, validator=non_negative)
     cache_latents: bool = False
+
+    @prior_loss_weight.validator
+    def _prior_loss_weight(self, attr, value):
+        if value != 1.0 and not self.is_regularization:
+            raise _Invalid("only used by is_regularization = true datasets", value,
+                           "set is_regularization = true, or remove prior_loss_weight", attr.name)
 
     @resolutions.validator
     def _resolutions(self, attr, value):
@@ -294,7 +323,24 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _strict(float, "a number", "a number such as 0.5"))
     conv.register_structure_hook(bool, _strict(bool, "true or false", "true or false (no quotes)"))
     conv.register_structure_hook(str, _strict(str, "a string", 'a quoted string such as "text"'))
+    conv.register_structure_hook_func(lambda t: t == INIT_FROM, _init_from)
     return conv
+
+
+INIT_FROM = str | dict[str, str] | None
+
+
+def _init_from(value, _type):
+    """``[target] init_from``: a path, or a table with a path per expert."""
+    fix = 'write init_from = "file.safetensors" or {high_noise = "a.safetensors", low_noise = "b.safetensors"}'
+    if value is not None and type(value) is not str and type(value) is not dict:
+        raise _Invalid("expected a path or a table {high_noise = ..., low_noise = ...}", value, fix)
+    if type(value) is dict and (not value or set(value) - {"high_noise", "low_noise"}):
+        raise _Invalid("a table takes only high_noise and low_noise", value, fix)
+    for expert, path in (value.items() if type(value) is dict else ()):
+        if type(path) is not str:
+            raise _Invalid("expected a string", path, 'write a quoted path such as "a.safetensors"', expert)
+    return value
 
 
 converter = make_converter()
@@ -467,21 +513,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if isinstance(node, list) and isinstance(part, int) and part < len(node):
                 node = node[part]
                 continue
-            if not isinstance(node, dict):
-                problems.append(ProfileProblem(f"--set {key}", "does not name a table", fix="check the key path"))
+            if not isinstance(node, dict) or isinstance(part, int):  # an index into a table, a key into an array
+                problems.append(_bad_set_key(key))
                 break
             node = node.setdefault(part, {})
         else:
             last = parts[-1]
             if isinstance(node, list) and isinstance(last, int) and last < len(node):
                 node[last] = value
-            elif isinstance(node, dict):
+            elif isinstance(node, dict) and not isinstance(last, int):
                 node[last] = value
             else:
-                problems.append(ProfileProblem(f"--set {key}", "does not name a table", fix="check the key path"))
+                problems.append(_bad_set_key(key))
     if problems:
         raise ProfileError(problems)
     return data
+
+
+def _bad_set_key(key: str) -> ProfileProblem:
+    return ProfileProblem(f"--set {key}", "does not name a value of the profile",
+                          fix="name table keys with dots (training.steps) and index only arrays, "
+                              "within their length (datasets[0].folder)")
 
 
 def _split_key(key: str) -> list:
@@ -553,11 +605,12 @@ def load_profile(path: str | Path | None = None, overrides: list[str] = (), *, d
     else:
         data = copy.deepcopy(data)
     data = apply_overrides(data, list(overrides))
+    nonfinite = nonfinite_numbers(data, "")
     parts, problems = structure_kernel(data)
     enabled, configs, plugin_problems = registry.structure_plugins(data.get("plugins", {}), base_dir=_base_dir(path))
     problems += plugin_problems
-    if problems:
-        raise ProfileError(problems)
+    if problems or nonfinite:  # one line per key: a nan/inf key's other complaints are dropped
+        raise ProfileError(nonfinite + [p for p in problems if p.where not in {q.where for q in nonfinite}])
     profile = Profile(
         **parts,
         plugins=PluginsConfig(enabled=enabled, configs=configs),
@@ -568,6 +621,17 @@ def load_profile(path: str | Path | None = None, overrides: list[str] = (), *, d
     if problems:
         raise ProfileError(problems)
     return profile
+
+
+def nonfinite_numbers(value: Any, where: str) -> list[ProfileProblem]:
+    """nan / inf anywhere in the document (plugin tables included), one problem per key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [ProfileProblem(where, "must be a finite number", value, "nan and inf are not allowed; write a number such as 0.5")]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in nonfinite_numbers(v, _join(where, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in nonfinite_numbers(v, _join(where, i))]
+    return []
 
 
 def _base_dir(path) -> Path:

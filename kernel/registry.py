@@ -18,10 +18,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import pkgutil
 import sys
+import traceback
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -84,8 +86,21 @@ def _load_file(name: str, base_dir: Path | None) -> ModuleType:
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file: say where it broke, in one line
+        del sys.modules[mod_name]
+        raise PluginError(ProfileProblem(f"plugins.{_key(name)}", f"the plugin file failed to import: {_import_failure(exc, path)}",
+                                         fix="fix the file, or remove it from plugins.enabled")) from None
     return module
+
+
+def _import_failure(exc: Exception, path: Path) -> str:
+    """``SyntaxError at line 1: invalid syntax`` / ``ModuleNotFoundError at line 3: No module named 'x'``."""
+    lines = [exc.lineno] if isinstance(exc, SyntaxError) else [
+        f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    text = exc.msg if isinstance(exc, SyntaxError) else (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}{f' at line {lines[-1]}' if lines else ''}: {text}"
 
 
 def _unknown(name: str) -> PluginError:
@@ -117,11 +132,13 @@ def structure_plugins(table: Any, base_dir: Path) -> tuple[tuple[str, ...], dict
     dupes = sorted({n for n in enabled if enabled.count(n) > 1})
     problems += [ProfileProblem("plugins.enabled", "listed twice", n, "list each plugin once") for n in dupes]
     configs: dict[str, Any] = {}
+    unresolved: set[str] = set()
     for name in dict.fromkeys(enabled):
         try:
             module = resolve(name, base_dir)
         except PluginError as exc:
             problems += exc.problems
+            unresolved.add(name)
             continue
         cls = config_class(module)
         settings = table.get(name, {})
@@ -138,12 +155,21 @@ def structure_plugins(table: Any, base_dir: Path) -> tuple[tuple[str, ...], dict
         if key == "enabled" or key in enabled:
             continue
         if isinstance(value, dict):
-            close = difflib.get_close_matches(key, enabled, n=1)
-            fix = f"did you mean [plugins.{close[0]}]?" if close else f'add "{key}" to plugins.enabled or remove the table'
-            problems.append(ProfileProblem(f"plugins.{key}", "table for a plugin that is not enabled", fix=fix))
+            problems.append(ProfileProblem(f"plugins.{_key(key)}", "table for a plugin that is not enabled",
+                                           fix=_table_hint(key, enabled, unresolved)))
         else:
-            problems.append(ProfileProblem(f"plugins.{key}", "unknown key", value, "only 'enabled' and [plugins.<name>] tables go here"))
+            problems.append(ProfileProblem(f"plugins.{_key(key)}", "unknown key", value, "only 'enabled' and [plugins.<name>] tables go here"))
     return tuple(dict.fromkeys(enabled)), configs, problems
+
+
+def _table_hint(key: str, enabled: list[str], unresolved: set[str]) -> str:
+    """Fix for a table of a plugin not enabled: near a name that failed to resolve, that name is the typo."""
+    close = difflib.get_close_matches(key, enabled, n=1)
+    if close and close[0] in unresolved:
+        return f"plugins.enabled lists {close[0]!r}, which is not a plugin: did you mean {key!r} there?"
+    if close:
+        return f"did you mean [plugins.{_key(close[0])}]?"
+    return f'add "{key}" to plugins.enabled or remove the table'
 
 
 def _key(name: str) -> str:
@@ -168,13 +194,29 @@ def make_plugin_manager(profile, core: Any | None = None, extra: dict[str, Any] 
         pm.register(core, name="wantrain.core")
     base_dir = profile.base_dir
     for name in profile.plugins.enabled:
-        pm.register(instantiate(name, profile.plugins.configs.get(name), base_dir), name=name)
+        plugin = instantiate(name, profile.plugins.configs.get(name), base_dir)
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError:
+            raise PluginError(_signature_problems(pm, plugin, name)) from None
     for name, plugin in (extra or {}).items():
         pm.register(plugin, name=name)
     check(pm)
     if os.environ.get("WANTRAIN_TRACE_HOOKS") == "1":
         trace_hooks(pm)
     return pm
+
+
+def _signature_problems(pm: pluggy.PluginManager, plugin: Any, name: str) -> list[ProfileProblem]:
+    """Why pluggy refused ``plugin``: hook implementations taking arguments their event does not pass."""
+    problems = []
+    for attr in (a for a in dir(plugin) if pm.parse_hookimpl_opts(plugin, a) is not None):
+        spec = getattr(getattr(pm.hook, attr, None), "spec", None)
+        extra = [n for n in inspect.signature(getattr(plugin, attr)).parameters if spec and n not in ("self", *spec.argnames)]
+        if extra:
+            problems.append(ProfileProblem(f"plugins.{_key(name)}", f"{attr}() takes arguments the event does not pass",
+                                           ", ".join(extra), f"{attr} passes {', '.join(spec.argnames)} (any subset); see docs/hooks.md"))
+    return problems or [ProfileProblem(f"plugins.{_key(name)}", "pluggy refused to register the plugin", fix="see docs/hooks.md")]
 
 
 def check(pm: pluggy.PluginManager) -> None:
@@ -190,7 +232,7 @@ def check(pm: pluggy.PluginManager) -> None:
         for h in unknown or ["?"]:
             close = difflib.get_close_matches(h, known, n=1)
             fix = f"did you mean {close[0]!r}?" if close else "see docs/hooks.md for the events"
-            probs.append(ProfileProblem(f"plugins.{name}", "implements an unknown event", h, fix))
+            probs.append(ProfileProblem(f"plugins.{_key(name)}", "implements an unknown event", h, fix))
         raise PluginError(probs) from None
 
 

@@ -14,7 +14,7 @@ Commit protocol: the LoRA pair is written first (each file under a temporary
 name, fsynced, renamed); then the state folder is filled under a temporary
 name (``.step_<k>.tmp-<pid>``), every file fsynced, and renamed to
 ``step_<k>`` -- that rename is the commit point. Resume only ever looks at
-folders named exactly ``step_<9 digits>`` holding a readable ``state.json``,
+folders named exactly ``step_<9 digits>`` (``_<lineage tag>`` for a fork) holding a readable ``state.json``,
 so a kill at any instant leaves either the previous checkpoint as the newest
 complete one, or the new one whole.
 
@@ -35,6 +35,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,13 +46,14 @@ from . import lora, registry
 from .errors import ProfileProblem, WantrainError
 from .formats import safetensors as st
 from .formats import state as state_files
-from .formats.state import FORMAT, STATE_JSON, VERSION, encode_tree
+from .formats.state import FORMAT, LEGACY, STATE_JSON, VERSION, encode_tree
 
 log = logging.getLogger("wantrain")
 
 CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d{9})$")
-_STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})_(?P<expert>high_noise|low_noise)(?:_[a-z]+)?\.safetensors$")
+_STEP_DIR = re.compile(r"^step_(\d{9})(?:_([0-9a-f]{6}))?$")  # the optional lineage tag
+_STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})(?:_(?P<tag>[0-9a-f]{6}))?_(?P<expert>high_noise|low_noise)"
+                        r"(?:_[a-z]+)?\.safetensors$")
 
 #: profile keys whose change makes a checkpoint unusable (prefix match)
 BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "model.arch",
@@ -60,14 +62,14 @@ BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "mod
 IGNORED = ("job.output_dir", "job.device", "target.init_from")
 
 
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"step_{step:09d}"
+def checkpoint_dir(output_dir: Path, step: int, tag: str = "") -> Path:
+    return Path(output_dir) / CHECKPOINTS / (f"step_{step:09d}_{tag}" if tag else f"step_{step:09d}")
 
 
-def step_files(output_dir: Path, name: str, step: int) -> list[Path]:
+def step_files(output_dir: Path, name: str, step: int, tag: str = "") -> list[Path]:
     """The LoRA files of one save (the pair, and extras such as EMA's ``_raw`` copies)."""
     return [p for p in Path(output_dir).glob(f"{glob.escape(name)}_{step:09d}_*.safetensors")
-            if (m := _STEP_FILE.match(p.name)) and m["name"] == name]
+            if (m := _STEP_FILE.match(p.name)) and m["name"] == name and (m["tag"] or "") == tag]
 
 
 # ---------------------------------------------------------------- profile snapshot
@@ -131,16 +133,33 @@ class Checkpoint:
     step: int
     state: dict  # the parsed state.json
 
+    @property
+    def tag(self) -> str:
+        m = _STEP_DIR.match(self.path.name)
+        return (m.group(2) or "") if m else ""
 
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (committed folders with a state.json), oldest first."""
+    @property
+    def lineage(self) -> str:
+        record = self.state.get("lineage")
+        return str(record.get("id", LEGACY)) if isinstance(record, dict) else LEGACY
+
+    @property
+    def written_at(self) -> float:
+        """When it was written (recorded); 0 for checkpoints older than lineages."""
+        t = self.state.get("written_at")
+        return float(t) if isinstance(t, (int, float)) else 0.0
+
+
+def list_checkpoints(output_dir: Path, tag: str | None = None) -> list[tuple[int, Path]]:
+    """Complete checkpoints (committed folders with a state.json), oldest first;
+    with ``tag``, only those of that lineage (docs/checkpoints.md, "Lineages")."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         m = _STEP_DIR.match(entry.name)
-        if m and entry.is_dir() and (entry / STATE_JSON).is_file():
+        if m and entry.is_dir() and (entry / STATE_JSON).is_file() and tag in (None, m.group(2) or ""):
             found.append((int(m.group(1)), entry))
     return sorted(found)
 
@@ -149,17 +168,21 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Parse a checkpoint folder's state.json; WantrainError when it is not one."""
     path = Path(path)
     state = state_files.read_doc(path, "--resume")
+    state_files.check_files(path, state, "--resume")  # damaged files are found here, not mid-restore
     return Checkpoint(path=path, step=int(state["step"]), state=state)
 
 
 def newest_checkpoint(output_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint that parses (skipping damaged ones with a warning)."""
-    for step, path in reversed(list_checkpoints(output_dir)):
+    """The complete checkpoint written last -- the tip of the newest lineage, by
+    recorded write time, not the highest step -- that parses (skipping damaged
+    ones with a warning)."""
+    found = []
+    for step, path in list_checkpoints(output_dir):
         try:
-            return read_checkpoint(path)
+            found.append(read_checkpoint(path))
         except WantrainError as exc:
             log.warning("skipping damaged checkpoint %s: %s", path, exc)
-    return None
+    return max(found, key=lambda c: (c.written_at, c.step), default=None)
 
 
 def find_checkpoint(run, mode: str = "auto") -> Checkpoint | None:
@@ -206,13 +229,13 @@ def remove_partial_saves(output_dir: Path, resumed_step: int, name: str) -> None
     step-numbered LoRA files newer than the resume point without a committed
     state (they are written again when the run reaches that step)."""
     out = Path(output_dir)
-    committed = {s for s, _ in list_checkpoints(out)}
+    committed = {(s, _STEP_DIR.match(p.name).group(2) or "") for s, p in list_checkpoints(out)}
     for entry in [*out.glob(".*.tmp-*"), *(out / CHECKPOINTS).glob(".step_*")]:
         log.info("removing the leftover of an interrupted save: %s", entry)
         shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
     for entry in out.glob(f"{glob.escape(name)}_*.safetensors"):
         m = _STEP_FILE.match(entry.name)
-        if m and m["name"] == name and int(m["step"]) > resumed_step and int(m["step"]) not in committed:
+        if m and m["name"] == name and int(m["step"]) > resumed_step and (int(m["step"]), m["tag"] or "") not in committed:
             log.info("removing %s (its save did not complete)", entry.name)
             entry.unlink(missing_ok=True)
 
@@ -237,6 +260,8 @@ def capture(run) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]
         "step": run.step,
         "name": run.name,
         "experts": list(run.trained),
+        "lineage": {"id": run.lineage.id, "resumed_from": run.lineage.resumed_from},
+        "written_at": time.time(),  # auto-resume follows the checkpoint written last
         "profile": profile_snapshot(run.profile),
         "tree": encode_tree(tree, tensors),
     }
@@ -258,7 +283,8 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_state(run, step: int) -> Path:
     """Write ``checkpoints/step_<step>/`` atomically; return its path."""
     doc, tensors, weights = capture(run)
-    final = checkpoint_dir(run.output_dir, step)
+    st.require_finite(weights, f"step {step}")
+    final = checkpoint_dir(run.output_dir, step, run.lineage.tag)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -303,10 +329,12 @@ def save_checkpoint(run, step: int, dtype: str | None = None) -> dict[str, str]:
         paths["state"] = str(write_state(run, step))
     except Exception as exc:  # noqa: BLE001 - write failures become one line
         code = write_error_code(exc)
-        if code is None:
+        if code is None and not isinstance(exc, WantrainError):
             raise
-        for path in [*paths.values(), *step_files(run.output_dir, run.name, step)]:
+        for path in [*paths.values(), *step_files(run.output_dir, run.name, step, run.lineage.tag)]:
             Path(path).unlink(missing_ok=True)  # the part of this save that did get written
+        if code is None:
+            raise  # non-finite weights: refused before anything of the state was written
         raise _write_failed(run, code, f"the checkpoint of step {step}; nothing of it was kept, "
                             "earlier checkpoints are intact") from None
     run.pm.hook.on_save(run=run, step=step, paths=paths)
@@ -328,7 +356,8 @@ def _write_failed(run, code: int, what: str) -> WantrainError:
     reason = "disk full" if code in (errno.ENOSPC, errno.EDQUOT) else os.strerror(code).lower()
     return WantrainError(ProfileProblem(
         "job.output_dir", f"{reason} while writing {what}", str(run.output_dir),
-        "free space (or keep fewer checkpoints) and run the same command again to resume"))
+        "free space (rotation runs only after a save succeeds, so a lower keep frees nothing now: "
+        "delete checkpoints older than the newest, or other files) and run the same command again to resume"))
 
 
 # ---------------------------------------------------------------- restore
@@ -407,7 +436,8 @@ def stop_on_signals(run) -> Iterator[None]:
 def save_on_stop(run) -> dict[str, str]:
     """After a graceful stop: the checkpoint of ``run.step`` (unless a plugin
     already wrote it at this step), in ``[target] save_dtype``."""
-    if any(step == run.step for step, _ in list_checkpoints(run.output_dir)):
-        return {"state": str(checkpoint_dir(run.output_dir, run.step))}
+    folder = checkpoint_dir(run.output_dir, run.step, run.lineage.tag)
+    if folder.is_dir():
+        return {"state": str(folder)}
     return save_checkpoint(run, run.step)
 

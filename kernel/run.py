@@ -26,7 +26,8 @@ import torch
 from . import flow, hookimpl, lora, model, registry
 from .formats import lora as lora_format
 from .formats import safetensors as st
-from .errors import ProfileError
+from .formats.state import Lineage
+from .errors import ProfileError, ProfileProblem
 from .profile import Profile
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,6 +89,10 @@ class Run:
     last_metrics: dict[str, Any] = attrs.Factory(dict)
     #: set by SIGINT/SIGTERM (or a plugin): the loop saves and stops after this step
     stop_requested: bool = False
+    #: the chain of checkpoints this run continues (``wantrain.resume.start_lineage``)
+    lineage: Lineage = attrs.Factory(Lineage)
+    #: steps skipped so far for a nan/inf loss or gradient (``[training] on_nonfinite = "skip"``)
+    nonfinite_steps: int = 0
     #: for plugins to publish things to each other (by name); the kernel never reads it
     extras: dict[str, Any] = attrs.Factory(dict)
 
@@ -190,25 +195,46 @@ def open_run(profile: Profile, *, purpose: str = "train", extra_plugins: dict[st
     """The one way into a run: plugins registered (hook names checked),
     every plugin's ``check_profile`` collected -- all before any weight loads.
 
-    ``purpose``: ``"train"`` also resolves the device, makes the output
-    folder and writes the resolved ``profile.toml`` into it; ``"sample"``
+    ``purpose``: ``"train"`` also resolves the device and makes the output
+    folder (``profile.toml`` is written by :func:`write_profile` once the run
+    is accepted: folder locked, checkpoint checked); ``"sample"``
     resolves the device only; ``"inspect"`` (check, plugins, estimate) does
     neither and runs on the CPU. ``extra_plugins`` (name -> plugin) are
     registered after the profile's own (commands that attach things).
     """
     pm = registry.make_plugin_manager(profile, core=CoreHooks(), extra=extra_plugins)
     problems = [p for found in pm.hook.check_profile(profile=profile) for p in (found or [])]
+    if purpose in ("train", "inspect"):
+        problems += output_dir_problems(Path(profile.job.output_dir))
     if problems:
         raise ProfileError(problems)
     device = model.resolve_device(profile.job.device) if purpose != "inspect" else torch.device("cpu")
     output_dir = Path(profile.job.output_dir)
     if purpose == "train":
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "profile.toml").write_text(profile.to_toml(), encoding="utf-8")
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProfileError(ProfileProblem("job.output_dir", f"cannot be made ({exc.strerror})", str(output_dir),
+                                              "give a folder you can write to")) from None
     torch.manual_seed(profile.job.seed)
     generator = torch.Generator("cpu").manual_seed(profile.job.seed)
     return Run(profile=profile, pm=pm, output_dir=output_dir, device=device,
                dtype=model.DTYPES[profile.model.dtype], generator=generator)
+
+
+def output_dir_problems(output_dir: Path) -> list[ProfileProblem]:
+    """``job.output_dir`` must be a folder, or a path where one can be made."""
+    found = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if found is None or found.is_dir():
+        return []
+    what = "is a file, not a folder" if found == output_dir else f"lies under {found}, which is a file"
+    return [ProfileProblem("job.output_dir", what, str(output_dir), "give a folder (it is made if missing)")]
+
+
+def write_profile(run: Run) -> None:
+    """The resolved ``profile.toml`` in the output folder, for ``wantrain sample``
+    and the record -- only for a run that was accepted."""
+    st.write_bytes_atomic(run.profile.to_toml().encode("utf-8"), run.output_dir / "profile.toml")
 
 
 def load_frozen(run: Run) -> None:
@@ -269,9 +295,10 @@ def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None 
     (``dtype``: "bf16" | "fp16" | "fp32"; None = ``[target] save_dtype``)."""
     target = run.profile.target
     dtype = model.DTYPES[dtype or target.save_dtype]
+    states = {e: lora_format.to_comfy(lora.lora_state(run.experts[e]), target.alpha, dtype) for e in run.trained}
+    st.require_finite({f"{e}.{k}": v for e, s in states.items() for k, v in s.items()}, f"step {run.step}")
     paths = {}
-    for expert in run.trained:
-        state = lora_format.to_comfy(lora.lora_state(run.experts[expert]), target.alpha, dtype)
+    for expert, state in states.items():
         meta = lora_format.metadata(
             profile_toml=run.profile.to_toml(),
             step=step,
@@ -281,6 +308,6 @@ def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None 
             alpha=target.alpha,
             expert=expert,
         )
-        path = folder / lora_format.lora_filename(run.name, expert, step)
+        path = folder / lora_format.lora_filename(run.name, expert, step, run.lineage.tag)
         paths[expert] = str(st.write_atomic(state, path, meta))
     return paths

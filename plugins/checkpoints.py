@@ -18,9 +18,11 @@ that resume could pick; a full disk stops the run with one error line and
 removes what the failed save wrote.
 
 After each save (``on_save`` with a ``"state"`` path) the folder is rotated:
-the newest ``keep`` saves stay -- LoRA pair and state together -- older ones
-go (the state folder first, so a half-rotated save is never resumable). The
-final files (``<name>_high_noise.safetensors``) are never touched.
+the newest ``keep`` saves *of the run's lineage* (``run.lineage``) stay --
+LoRA pair and state together -- older ones go (the state folder first, so a
+half-rotated save is never resumable). Another lineage's saves (an abandoned
+run that this one forked from, docs/checkpoints.md) and the final files
+(``<name>_high_noise.safetensors``) are never touched.
 
 Config keys: ``every`` (steps between saves, default 250), ``keep``
 (saves kept, default 4; 0 keeps all), ``dtype`` (the pair's dtype: "bf16",
@@ -60,16 +62,17 @@ def is_due(step: int, total: int, every: int, stop_requested: bool) -> bool:
     return step % every == 0 or step == total or stop_requested
 
 
-def rotate(output_dir: Path, name: str, keep: int) -> list[int]:
-    """Delete all but the newest ``keep`` complete saves; return the steps removed."""
-    saves = resume.list_checkpoints(output_dir)
+def rotate(output_dir: Path, name: str, keep: int, tag: str = "") -> list[int]:
+    """Delete all but the newest ``keep`` complete saves of the lineage named
+    ``tag`` ("" = the folder's first); return the steps removed."""
+    saves = resume.list_checkpoints(output_dir, tag)
     if keep == 0 or len(saves) <= keep:
         return []
     removed = []
     for step, folder in saves[:-keep]:
         doomed = folder.with_name(f".{folder.name}.deleting")
         folder.rename(doomed)  # no longer a resume candidate from this instant on
-        for path in resume.step_files(output_dir, name, step):
+        for path in resume.step_files(output_dir, name, step, tag):
             path.unlink(missing_ok=True)
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(step)
@@ -92,4 +95,4 @@ class Plugin:
     @hookimpl
     def on_save(self, run: Run, step, paths):
         if "state" in paths:
-            rotate(run.output_dir, run.name, self.config.keep)
+            rotate(run.output_dir, run.name, self.config.keep, run.lineage.tag)

@@ -26,7 +26,8 @@ DOP then works with cached embeddings, also with ``unload = true``.
 
 Requires ``[job] trigger_word`` (checked before anything loads).
 
-Events: ``check_profile``, ``caption_variants``, ``compute_extra_losses``.
+Events: ``check_profile``, ``caption_variants``, ``compute_extra_losses``,
+``estimate_memory`` (one more forward graph kept for the backward).
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ class Plugin:
     @hookimpl
     def caption_variants(self, run: Run, template):
         return [class_caption(template, run.profile.job.trigger_word, self.config.preservation_class)]
+
+    @hookimpl
+    def estimate_memory(self):
+        # pred_class's graph lives beside the main one until the single backward
+        return {"extra_forward_graphs": 1,
+                "note": "one more forward graph per step (class prompt, LoRA on): its activations are kept too"}
 
     @hookimpl
     def compute_extra_losses(self, run: Run, batch, ctx):

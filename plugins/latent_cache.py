@@ -15,10 +15,14 @@ Where: ``<dataset folder>/.wantrain_cache/latents/`` (``folder`` overrides
 it for every dataset), one ``<key>.safetensors`` per sample variant with the
 tensor ``latents`` ``[16, F', H/8, W/8]`` (normalised, like
 ``wantrain.model.encode_pixels`` returns them) and metadata naming the source
-file. ``key`` = sha256 of the VAE's identity (model path, VAE class and
-config) and the data key (the file's content hash, bucket, source frame
-indices -- so num_frames, sampling mode and window -- and flips). Runs with
-other settings add their own entries beside these ones.
+file. ``key`` = sha256 of the VAE's identity (the content hashes of the
+model's ``vae/`` files -- or the hub id --, VAE class and config) and the
+data key (the file's content hash, bucket, source frame indices -- so
+num_frames, sampling mode and window -- and flips). No absolute path is part
+of it: a moved or copied project reuses its cache. Runs with other settings
+add their own entries beside these ones; entries of an older cache format
+are deleted and encoded again. A cache that cannot be written (read-only
+folder, full disk) stops the run with one error line.
 
 Stale entries: an entry whose source file's content has changed since (or
 which cannot be read, or whose metadata does not match its name) is deleted
@@ -42,6 +46,7 @@ bits the VAE gave; "bf16" halves the disk space).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -54,7 +59,7 @@ from safetensors import safe_open
 
 from wantrain import hookimpl
 from wantrain.data.media import MediaError
-from wantrain.errors import ProfileProblem
+from wantrain.errors import ProfileProblem, WantrainError
 from wantrain.formats.safetensors import write_atomic
 from wantrain.profile import one_of
 from wantrain.run import Run
@@ -62,7 +67,7 @@ from wantrain.run import Run
 log = logging.getLogger("wantrain.latent_cache")
 
 CACHE_DIR = ".wantrain_cache/latents"
-FORMAT = "wantrain-latents-1"
+FORMAT = "wantrain-latents-2"  # 2: the model is known by its VAE files' content, not its path
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -83,10 +88,19 @@ def vae_identity(run) -> str:
     config = dict(getattr(vae, "config", {}) or {})
     for volatile in ("_name_or_path", "_diffusers_version", "_commit_hash"):
         config.pop(volatile, None)
-    spec = run.profile.model.name_or_path
-    local = Path(spec).expanduser()
-    payload = {"model": str(local.resolve()) if local.exists() else spec, "vae": type(vae).__name__, "config": config}
+    payload = {"model": model_identity(run.profile.model.name_or_path), "vae": type(vae).__name__, "config": config}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(spec: str) -> object:
+    """A local model by the content of its ``vae/`` files (name -> hash), so
+    a moved or copied model keeps its cache; a hub id by its name."""
+    from wantrain.data import file_hash
+
+    vae_dir = Path(spec).expanduser() / "vae"
+    if not vae_dir.is_dir():
+        return spec
+    return {p.relative_to(vae_dir).as_posix(): file_hash(str(p)) for p in sorted(vae_dir.rglob("*")) if p.is_file()}
 
 
 class LatentStore:
@@ -119,9 +133,12 @@ class LatentStore:
 
     def put(self, data_key: str, latents: torch.Tensor, source: str, file_hash: str) -> Path:
         path = self.path(data_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "data_key": data_key, "identity": self.identity, "source": source, "file_hash": file_hash}
-        return write_atomic({"latents": latents.detach().to("cpu", self.dtype)}, path, meta)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return write_atomic({"latents": latents.detach().to("cpu", self.dtype)}, path, meta)
+        except OSError as exc:
+            raise cannot_write(self.folder, exc) from None
 
     def prune_stale(self, current: dict[str, str]) -> int:
         """Delete damaged entries and entries whose source file (a key of
@@ -130,9 +147,19 @@ class LatentStore:
         removed = 0
         for path in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
             if _stale(path, current):
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise cannot_write(self.folder, exc) from None
                 removed += 1
         return removed
+
+
+def cannot_write(folder: Path, exc: OSError) -> WantrainError:
+    """A read-only dataset folder or a full disk: the user's to fix, in one line."""
+    reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc)).lower()
+    return WantrainError(ProfileProblem("plugins.latent_cache.folder", f"cannot write the latent cache ({reason})", str(folder),
+                                        "free space, or set [plugins.latent_cache] folder to a writable place with room"))
 
 
 def _stale(path: Path, current: dict[str, str]) -> bool:
@@ -141,8 +168,8 @@ def _stale(path: Path, current: dict[str, str]) -> bool:
             meta = fh.metadata() or {}
     except Exception:  # noqa: BLE001 - damaged
         return True
-    if meta.get("format") != FORMAT:
-        return False  # not ours: leave it alone
+    if meta.get("format") != FORMAT:  # an older version of ours: encoded again; not ours: left alone
+        return str(meta.get("format", "")).startswith("wantrain-latents-")
     source = meta.get("source")
     return source in current and current[source] != meta.get("file_hash")
 

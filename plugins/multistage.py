@@ -18,7 +18,8 @@ plugin decides
 
 Events: ``check_profile``, ``trained_experts``, ``after_adapters_attached``
 (applies ``boundary``), ``select_expert``, ``state_dict`` /
-``load_state_dict`` (the turn position, for resume). The kernel fires
+``load_state_dict`` (the turn position, for resume), ``estimate_memory``
+(how many experts carry a LoRA and optimizer state). The kernel fires
 ``before_expert_switch`` / ``after_expert_switch`` whenever the answer of
 ``select_expert`` changes.
 
@@ -107,6 +108,13 @@ class Plugin:
     @hookimpl
     def trained_experts(self, profile):
         return self.config.experts
+
+    @hookimpl
+    def estimate_memory(self):
+        trained = self.config.experts
+        what = f"one expert trained ({trained[0]}): one LoRA + optimizer state" if len(trained) == 1 else \
+            f"both experts trained, switching every {self.config.switch_every} steps"
+        return {"experts_trained": len(trained), "note": what}
 
     @hookimpl
     def after_adapters_attached(self, run: Run):

@@ -108,7 +108,10 @@ class Plugin:
         from torch.utils.tensorboard import SummaryWriter
 
         logdir = run.output_dir / "tensorboard"
-        self.writer = SummaryWriter(str(logdir), purge_step=run.step or None, flush_secs=self.config.flush_seconds)
+        # resumed at step N: events of steps > N (written after the checkpoint,
+        # before the crash) are dropped; step N's own are kept
+        self.writer = SummaryWriter(str(logdir), purge_step=run.step + 1 if run.step else None,
+                                    flush_secs=self.config.flush_seconds)
         text = "\n".join("    " + line for line in run.profile.to_toml().splitlines())  # markdown code block
         self.writer.add_text("profile", text, run.step)
         log.info("TensorBoard: tensorboard --logdir %s", logdir)

@@ -7,8 +7,10 @@ import argparse
 import logging
 import os
 import sys
+import unicodedata
 import warnings
 
+from .. import __version__
 from ..errors import WantrainError
 
 
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="wantrain", description="LoRA trainer for Wan 2.2 T2V A14B")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"wantrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # none given: main() lists them, exit 0
 
     p = sub.add_parser("run", help="train a LoRA pair from a profile")
     profile_args(p)
@@ -42,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="write a tiny random Wan-2.2-shaped model (Diffusers layout)")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     p = sub.add_parser("make-demo-data", help="write a few short H.264 clips and PNGs with captions")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     p = sub.add_parser("estimate", help="predict peak GPU memory and host RAM of a profile (model config only, no weights)")
     profile_args(p)
     p.add_argument("--vram-gb", type=float, metavar="N", help="the card's memory in GiB: says whether it fits and what to change")
@@ -53,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p = sub.add_parser("export", help="convert a LoRA file or a checkpoint folder to the ComfyUI or diffusers layout")
     p.add_argument("source", metavar="FILE_OR_CHECKPOINT", help="a LoRA .safetensors file or a checkpoints/step_N folder")
-    p.add_argument("--format", required=True, choices=("comfyui", "diffusers"))
+    p.add_argument("--format", required=True, choices=("comfyui", "diffusers"),
+                   help="comfyui: ComfyUI and diffusers (our files' layout); diffusers: diffusers/PEFT only, not ComfyUI")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="tensor dtype (default: the source's; fp32 for checkpoints)")
     p.add_argument("-o", "--out", required=True, help="output file (folder for a checkpoint: one file per expert)")
     p.set_defaults(variant=None)  # plugins add options that pick a variant of a checkpoint's weights
@@ -72,6 +78,7 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("diffusers", "transformers", "peft", "urllib3", "huggingface_hub", "PIL", "libav", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())  # an optional CPU kernel, meaningless to users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|peft|torch)")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -88,11 +95,14 @@ def cmd_run(args) -> int:
 
     from ..loop import train
     from ..profile import load_profile
+    from ..resume import checkpoint_dir
 
     profile = load_profile(args.profile, args.overrides)
     run = train(profile, resume=args.resume)
     if run.step < profile.training.steps:  # stopped gracefully (SIGINT / SIGTERM)
         again = ["wantrain", "run", args.profile, *[a for o in args.overrides for a in ("--set", o)]]
+        if args.resume != "auto":  # never / PATH again would refuse or fork anew: name the stop checkpoint
+            again += ["--resume", str(checkpoint_dir(run.output_dir, run.step, run.lineage.tag))]
         logging.getLogger("wantrain").info("resume with: %s", shlex.join(again))
     return 0
 
@@ -108,8 +118,14 @@ def cmd_export(args) -> int:
 def cmd_lora_info(args) -> int:
     from .export import describe
 
-    print("\n".join(describe(args.file)))
+    print("\n".join(printable(line) for line in describe(args.file)))
     return 0
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``,
+    ``\\n``): file metadata is shown, never obeyed by the terminal."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c)[0] == "C" else c for c in text)
 
 
 def cmd_check(args) -> int:
@@ -163,6 +179,7 @@ def _defaults_ok(cls) -> bool:
 def cmd_make_tiny_model(args) -> int:
     from .tiny import make_tiny_model
 
+    refuse_non_empty(args.dir, args.force)
     path = make_tiny_model(args.dir, seed=args.seed)
     print(f"wrote tiny Wan 2.2 model to {path}")
     return 0
@@ -171,9 +188,24 @@ def cmd_make_tiny_model(args) -> int:
 def cmd_make_demo_data(args) -> int:
     from wantrain.data.demo import write_demo_data
 
+    refuse_non_empty(args.dir, args.force)
     files = write_demo_data(args.dir, seed=args.seed)
     print(f"wrote {len(files)} demo media files to {args.dir}")
     return 0
+
+
+def refuse_non_empty(folder: str, force: bool) -> None:
+    """Tools that fill a folder never overwrite a user's files without ``--force``."""
+    from pathlib import Path
+
+    from ..errors import ProfileProblem
+
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise WantrainError(ProfileProblem(folder, "is a file, not a folder", fix="give a new or empty folder"))
+    if not force and path.is_dir() and any(path.iterdir()):
+        raise WantrainError(ProfileProblem(folder, "is not empty; refusing to overwrite what is in it",
+                                           fix="give a new or empty folder, or add --force"))
 
 
 def cmd_estimate(args) -> int:
@@ -205,15 +237,28 @@ COMMANDS = {
 }
 
 
+def command_list(parser: argparse.ArgumentParser) -> str:
+    """``wantrain`` alone: every command (plugins' included) with its one-line help."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    rows = [(a.dest, a.help or "") for a in sub._choices_actions]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {text}" for name, text in rows]
+    return "\n".join(["usage: wantrain COMMAND ... (wantrain COMMAND -h for its options)", "", "commands:", *lines])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        print(command_list(parser))
+        return 0
     setup_logging(args.verbose)
     try:
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args)
     except WantrainError as exc:
         for line in exc.lines():
-            print(line, file=sys.stderr)
+            print(printable(line), file=sys.stderr)  # paths and values from files may hold escape codes
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

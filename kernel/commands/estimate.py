@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 import attrs
 
 from .. import model
+from ..errors import ProfileProblem, WantrainError
 
 GiB = 2**30
 
@@ -92,6 +93,17 @@ class Settings:
     #: latents are computed before training (the VAE is off the GPU while training)
     latents_cached: bool = False
     experts: int = 2
+    #: experts with a LoRA and optimizer state
+    experts_trained: int = 2
+    #: the experts that are not trained are loaded too (previews need every expert)
+    loads_untrained_experts: bool = False
+    #: forward graphs kept for one backward besides the main one (a second
+    #: forward with gradients on other inputs, e.g. a preservation prompt)
+    extra_forward_graphs: int = 0
+
+    @property
+    def experts_loaded(self) -> int:
+        return self.experts if self.loads_untrained_experts else min(self.experts, self.experts_trained)
 
     @property
     def weights_label(self) -> str:
@@ -229,10 +241,11 @@ def activation_bytes(s: Settings, c: Counts) -> float:
     per_token, per_text = block_activation_bytes(s, c.dim, c.ffn)
     outside = tokens * 8 * c.dim
     workspace = tokens * (16 * c.dim + 4 * c.ffn)  # gradients of the op being differentiated
+    graphs = 1 + s.extra_forward_graphs  # each graph keeps its own saved tensors until the one backward
     if s.checkpointing:
         kept = c.blocks * tokens * a * c.dim  # each block's input
-        return kept + tokens * per_token + text * per_text + outside + workspace
-    return c.blocks * (tokens * per_token + text * per_text) + outside + workspace
+        return graphs * (kept + outside) + tokens * per_token + text * per_text + workspace  # one block recomputes at a time
+    return graphs * (c.blocks * (tokens * per_token + text * per_text) + outside) + workspace
 
 
 # ---------------------------------------------------------------- the estimate
@@ -283,37 +296,38 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
     vae = 4 * vae_params
     vae_work = VAE_BYTES_PER_PIXEL * s.height * s.width * s.batch_size
     acts = activation_bytes(s, c)
-    on_gpu_experts = 1 if s.idle_expert_on_host else s.experts
+    loaded = s.experts_loaded
+    on_gpu_experts = 1 if s.idle_expert_on_host else loaded
     streamed = round(s.streamed_layers * c.blocks) / c.blocks if c.blocks else 0.0
     stream_keep = (1 - streamed * c.block_fraction) if streamed else 1.0
     stream_buffer = (2 / c.blocks) * c.block_fraction * (expert + ara) if streamed else 0.0
     w_gpu = on_gpu_experts * (expert + ara) * stream_keep + stream_buffer
-    lora_gpu = on_gpu_experts * (lora + opt) + lora  # + gradients of the active expert
+    lora_gpu = min(on_gpu_experts, s.experts_trained) * (lora + opt) + lora  # + gradients of the active expert
     te_train = 0.0 if s.text_states_cached else te_q
     vae_train = 0.0 if s.latents_cached else vae
     ctx = CUDA_OVERHEAD_GIB * GiB
     start = te_q + vae + ctx  # the encoder is quantized on the host, then moved
-    cache_experts = 0.0 if s.idle_expert_on_host else s.experts * (expert + ara) * stream_keep
+    cache_experts = 0.0 if s.idle_expert_on_host else loaded * (expert + ara) * stream_keep
     caching = (te_q + vae + vae_work + cache_experts + ctx) if (s.text_states_cached or s.latents_cached) else 0.0
     train_step = w_gpu + lora_gpu + te_train + vae_train + ctx + max(acts, 0.0 if s.latents_cached else vae_work)
     phases = {"start": start, "caching": caching, "training": train_step}
     phase = max(phases, key=phases.get)
     # host RAM
-    host_experts = (s.experts * (expert + ara)) if s.idle_expert_on_host else (s.experts * (expert + ara) * streamed * c.block_fraction)
-    host_lora = (s.experts - 1) * (lora + opt) if s.idle_expert_on_host else 0.0
+    host_experts = (loaded * (expert + ara)) if s.idle_expert_on_host else (loaded * (expert + ara) * streamed * c.block_fraction)
+    host_lora = max(0, s.experts_trained - 1) * (lora + opt) if s.idle_expert_on_host else 0.0
     host_te = te_q if (s.text_states_cached and not s.text_encoder_unloaded) else 0.0
     load_block = (c.block_fraction * (a * (c.quantized + c.other) + 4 * c.fp32)) / c.blocks
     load_peak = expert + ara + (load_block if s.weight_bytes is not None else 0.0)
     host_base = HOST_BASELINE_GIB * GiB
     host_steady = host_base + host_experts + host_lora + host_te
-    parked_before = (s.experts - 1) * (expert + ara) if s.idle_expert_on_host else 0.0  # loaded earlier, parked
+    parked_before = (loaded - 1) * (expert + ara) if s.idle_expert_on_host else 0.0  # loaded earlier, parked
     host_loading = host_base + parked_before + load_peak
     host_peak = max(host_base + te_full, host_loading, host_steady)
     G = lambda x: x / GiB  # noqa: E731
     tokens = video_tokens(s, c.patch)
     rows = [
         (f"transformer weights x{on_gpu_experts} ({s.weights_label})", G(on_gpu_experts * expert * stream_keep),
-         G(s.experts * expert if s.idle_expert_on_host else host_experts), f"{G(expert):.2f} GiB per expert"),
+         G(loaded * expert if s.idle_expert_on_host else host_experts), f"{G(expert):.2f} GiB per expert"),
         ("ARA (rank %d)" % s.ara_rank if ara else "ARA", G(on_gpu_experts * ara * stream_keep), 0.0, "" if ara else "none"),
         ("streamed-block buffers", G(stream_buffer), 0.0, f"{round(streamed * c.blocks)} of {c.blocks} blocks streamed" if streamed else "layers = 0"),
         (f"LoRA rank {s.rank} + grads + {s.optimizer} state", G(lora_gpu), G(host_lora), f"{G(lora):.2f} GiB of fp32 LoRA per expert"),
@@ -365,12 +379,21 @@ def configs_for(name_or_path: str) -> tuple[dict, dict, int, str]:
     A14B, whose configs ship here (no download, no weights)."""
     path = Path(name_or_path).expanduser()
     if not (path / "transformer" / "config.json").is_file():
+        if path.exists() or _looks_local(name_or_path):  # never estimate another model than the one named
+            what = "has no transformer/config.json" if path.exists() else "no such folder"
+            raise WantrainError(ProfileProblem("model.name_or_path", what, name_or_path,
+                                               "give a Diffusers model folder, or a hub id (org/name) for the built-in A14B config"))
         return dict(A14B_TRANSFORMER), dict(UMT5_XXL), WAN_VAE_PARAMS, "built-in Wan 2.2 T2V A14B config"
     tcfg = json.loads((path / "transformer" / "config.json").read_text())
     text = json.loads((path / "text_encoder" / "config.json").read_text())
     text = {k: text.get(k, UMT5_XXL[k]) for k in UMT5_XXL}
     vae_params = _count_vae(path / "vae" / "config.json")
     return tcfg, text, vae_params, f"{path} (configs only)"
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """A path, not a hub id (``org/name[@revision]``)."""
+    return name_or_path.startswith((".", "/", "~", "\\")) or not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", name_or_path)
 
 
 def _count_vae(config_path: Path) -> int:

@@ -10,6 +10,7 @@ the plugin that keeps them, through the ``checkpoint_weights`` event.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,8 +31,12 @@ def export(source: str | Path, fmt: str, out: str | Path, *, variant: str | None
     """A LoRA file -> one file (a two-expert file: one per expert); a checkpoint
     folder -> one file per expert in the folder ``out``. ``variant`` picks a
     plugin's weights of a checkpoint; ``dtype`` (bf16 | fp16 | fp32) defaults
-    to the source's."""
+    to the source's. ``out`` ending in ``/`` is a folder (made when missing);
+    writing onto the source is refused."""
+    into_folder = str(out).endswith(("/", os.sep))
     source, out = Path(source), Path(out)
+    if into_folder:
+        out.mkdir(parents=True, exist_ok=True)
     torch_dtype = model.DTYPES[dtype] if dtype else None
     if source.is_dir():
         return _export_checkpoint(source, fmt, out, variant, torch_dtype)
@@ -41,12 +46,19 @@ def export(source: str | Path, fmt: str, out: str | Path, *, variant: str | None
     found = lora_format.read_file(source)
     first = next(iter(found.values()))
     if not first.combined:
-        return [lora_format.write(first, fmt, out / source.name if out.is_dir() else out, torch_dtype)]
+        return [lora_format.write(first, fmt, _not_source(out / source.name if out.is_dir() else out, source), torch_dtype)]
     written = []
     for expert, w in found.items():
         target = out / f"{source.stem}_{expert}{source.suffix}" if out.is_dir() else out.with_name(f"{out.stem}_{expert}{out.suffix}")
-        written.append(lora_format.write(w, fmt, target, torch_dtype))
+        written.append(lora_format.write(w, fmt, _not_source(target, source), torch_dtype))
     return written
+
+
+def _not_source(target: Path, source: Path) -> Path:
+    if target.exists() and os.path.samefile(target, source):
+        raise WantrainError(ProfileProblem("-o", "is the file being exported; refusing to overwrite it", str(target),
+                                           "write to another file name or folder"))
+    return target
 
 
 def _export_checkpoint(folder: Path, fmt: str, out: Path, variant: str | None, dtype: torch.dtype | None) -> list[Path]:

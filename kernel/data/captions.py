@@ -20,7 +20,8 @@ TRIGGER = "[trigger]"
 
 def read_caption(media_path: Path, cfg: DatasetConfig) -> str | None:
     """The same-stem caption file's text (whitespace collapsed), None if
-    missing or empty; raises MediaError when it is not UTF-8."""
+    missing or empty; raises MediaError naming the caption file when it
+    cannot be read or is not UTF-8."""
     path = media_path.with_name(media_path.stem + "." + cfg.caption_ext.lstrip("."))
     if not path.is_file():
         return None
@@ -28,6 +29,8 @@ def read_caption(media_path: Path, cfg: DatasetConfig) -> str | None:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise MediaError(f"caption {path.name} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise MediaError(f"caption {path.name} cannot be read ({exc.strerror or exc}); fix its permissions") from None
     text = " ".join(text.split())
     return text or None
 

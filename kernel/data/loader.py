@@ -124,6 +124,8 @@ class Batch:
     is_regularization: list[bool]
     dataset_index: list[int]
     specs: tuple[SampleSpec, ...] = ()  # what each sample is, to load it again (a plugin's store misses)
+    #: prior preservation: a regularization dataset's ``prior_loss_weight`` (None for other datasets)
+    prior_loss_weight: float | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -161,6 +163,7 @@ class BatchLoader(torch.utils.data.Dataset):
             is_regularization=[ds.config.is_regularization] * len(samples),
             dataset_index=[ds.index] * len(samples),
             specs=tuple(s[1] for s in samples),
+            prior_loss_weight=ds.config.prior_loss_weight if ds.config.is_regularization else None,
         )
         return _Loaded(plan, batch, tuple(failures))
 

@@ -268,6 +268,10 @@ def _weights(parts: Mapping[str, Mapping[str, torch.Tensor]], layout: str, metad
     incomplete = [m for m, p in parts.items() if "A" not in p or "B" not in p]
     if incomplete:
         raise unreadable(path or "LoRA", f"{incomplete[0]} lacks its lora_A or lora_B")
+    for name, p in parts.items():
+        wrong = _shape_problem(p)
+        if wrong:
+            raise unreadable(path or "LoRA", f"{name}: {wrong}")
     config = _peft_config(metadata, path) if any("alpha" not in p for p in parts.values()) else {}
     modules, alphas = {}, {}
     for name, p in sorted(parts.items(), key=lambda kv: _natural(kv[0])):
@@ -278,23 +282,72 @@ def _weights(parts: Mapping[str, Mapping[str, torch.Tensor]], layout: str, metad
                        skipped=list(skipped), source=str(path or ""), combined=combined)
 
 
+def _shape_problem(p: Mapping[str, torch.Tensor]) -> str | None:
+    """What makes one module's tensors unusable (shapes, rank, alpha), or None."""
+    a, b = p["A"], p["B"]
+    if a.ndim != 2 or b.ndim != 2:
+        return f"lora_A and lora_B must be matrices (got shapes {list(a.shape)} and {list(b.shape)})"
+    if a.shape[0] == 0:
+        return "rank 0 (lora_A has no rows)"
+    if b.shape[1] != a.shape[0]:
+        return f"lora_B has rank {b.shape[1]} but lora_A has rank {a.shape[0]}"
+    if "alpha" in p and p["alpha"].numel() != 1:
+        return f"alpha holds {p['alpha'].numel()} numbers, not one"
+    if "alpha" in p and not torch.isfinite(p["alpha"].float()).all():
+        return "alpha is not a finite number"
+    return None
+
+
 def _peft_config(metadata: Mapping[str, str], path: Path | None) -> dict[str, Any]:
     """PEFT alpha settings: diffusers' ``lora_adapter_metadata`` or an
-    ``adapter_config.json`` beside the file (PEFT, diffusion-pipe)."""
+    ``adapter_config.json`` beside the file (PEFT, diffusion-pipe); either
+    one malformed is a WantrainError naming it."""
     if metadata.get("lora_adapter_metadata"):
-        config = json.loads(metadata["lora_adapter_metadata"])
-        return {k.removeprefix("transformer.").removeprefix("transformer_2."): v for k, v in config.items()}
-    if path is not None and (path.parent / "adapter_config.json").is_file():
-        return json.loads((path.parent / "adapter_config.json").read_text(encoding="utf-8"))
-    return {}
+        config = _json_table(metadata["lora_adapter_metadata"], path or "LoRA", "its lora_adapter_metadata")
+        config = {k.removeprefix("transformer.").removeprefix("transformer_2."): v for k, v in config.items()}
+        where = path or "LoRA"
+    elif path is not None and (path.parent / "adapter_config.json").is_file():
+        where = path.parent / "adapter_config.json"
+        try:
+            text = where.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise unreadable(where, f"cannot read it ({exc})") from None
+        config = _json_table(text, where, "it")
+    else:
+        return {}
+    patterns, alpha = config.get("alpha_pattern"), config.get("lora_alpha")
+    if patterns is not None and not (isinstance(patterns, dict) and all(_is_number(v) for v in patterns.values())):
+        raise unreadable(where, "alpha_pattern is not a table of module name -> number", got=patterns)
+    if alpha is not None and not _is_number(alpha):
+        raise unreadable(where, "lora_alpha is not a number", got=alpha)
+    return config
+
+
+def _json_table(text: str, where: Any, what: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise unreadable(where, f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise unreadable(where, f"{what} is not a JSON object", got=config)
+    return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _alpha_for(name: str, config: Mapping[str, Any], rank: int) -> float:
     """A module's alpha from a PEFT config (``alpha_pattern``, then
-    ``lora_alpha``); without one, alpha = rank (scale 1, PEFT's and kohya's default)."""
+    ``lora_alpha``); without one, alpha = rank (scale 1, PEFT's and kohya's default).
+
+    A pattern matches a module whose name is it or ends with ``.<pattern>``
+    -- PEFT's suffix rule, taken literally: patterns come from files, and a
+    regular expression from a file is never run (a crafted one can take
+    hours to fail; diffusers writes plain module names)."""
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         for candidate in (name, comfy_name(name)):
-            if candidate == pattern or candidate.endswith("." + pattern) or re.fullmatch(pattern.lstrip("^"), candidate):
+            if candidate == pattern or candidate.endswith("." + pattern):
                 return float(alpha)
     return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else float(rank)
 
@@ -370,7 +423,10 @@ def read_lora_sources(path: str | Path, experts: Sequence[str], *, where: str = 
     if first.combined:
         return {e: found[e] for e in experts if e in found}
     if first.expert is None:
-        log.info("%s names no expert; it applies to %s", path.name, " and ".join(experts))
+        if len(experts) > 1:  # diffusion-pipe's adapter_model.safetensors, a Wan 2.1 LoRA: say so
+            table = ' (or init_from = {high_noise = "...", low_noise = "..."})' if where == "target.init_from" else ""
+            log.warning("%s: %s names no expert; it is loaded into both %s. To give each expert its own file, "
+                        "name them *_high_noise / *_low_noise%s", where, path.name, " and ".join(experts), table)
         return {e: first for e in experts}
     out = {first.expert: first}
     other = next(e for e in EXPERTS if e != first.expert)
@@ -378,6 +434,13 @@ def read_lora_sources(path: str | Path, experts: Sequence[str], *, where: str = 
     if partner != path and partner.is_file():
         out[other] = read_lora(partner, other)
     return {e: w for e, w in out.items() if e in experts}
+
+
+def read_expert_file(path: Path, expert: str, where: str) -> LoraWeights:
+    """One expert's weights from a file chosen for it (its half of a two-expert file)."""
+    if not path.is_file():
+        raise WantrainError(ProfileProblem(where, "no LoRA file found", str(path), "give a LoRA .safetensors file"))
+    return read_lora(path, expert)
 
 
 def _prefix_files(path: Path) -> dict[str, Path]:
@@ -455,8 +518,11 @@ def metadata(*, profile_toml: str, step: int | None, base_model: str, trigger_wo
     return meta
 
 
-def lora_filename(name: str, expert: str, step: int | None) -> str:
-    return f"{name}_{expert}.safetensors" if step is None else f"{name}_{step:09d}_{expert}.safetensors"
+def lora_filename(name: str, expert: str, step: int | None, tag: str = "") -> str:
+    """Final files ``<name>_<expert>``; a save ``<name>_<step:09d>[_<lineage tag>]_<expert>``."""
+    if step is None:
+        return f"{name}_{expert}.safetensors"
+    return f"{name}_{step:09d}_{tag}_{expert}.safetensors" if tag else f"{name}_{step:09d}_{expert}.safetensors"
 
 
 # ---------------------------------------------------------------- lora-info
@@ -480,6 +546,18 @@ def describe(path: str | Path) -> list[str]:
     return lines
 
 
+#: which tools load a file of each layout (``lora-info``'s "loads in:" line)
+LOADS_IN = {
+    "comfyui": "ComfyUI, diffusers",
+    "comfyui-down-up": "ComfyUI",
+    "diffusers": "diffusers (not ComfyUI's loader; export --format comfyui for ComfyUI)",
+    "kohya": "ComfyUI, musubi-tuner",
+    "diffusion-pipe": "ComfyUI, diffusers, diffusion-pipe",
+    "ai-toolkit": "ai-toolkit (split it with export --format comfyui for ComfyUI and diffusers)",
+    "wantrain checkpoint": "wantrain only (resume; export --format comfyui or diffusers for other tools)",
+}
+
+
 def _describe_one(w: LoraWeights) -> list[str]:
     blocks = sorted({int(n.split(".")[1]) for n in w.modules})
     kinds = sorted({block_kind(n) for n in w.modules}, key=list(DIFFUSERS_TO_COMFY).index)
@@ -487,6 +565,7 @@ def _describe_one(w: LoraWeights) -> list[str]:
     scale = ", ".join(f"{a / r:g}" for a in alphas for r in ranks) if len(alphas) * len(ranks) <= 4 else "varies"
     lines = [
         f"layout: {w.layout}",
+        f"loads in: {LOADS_IN.get(w.layout, 'wantrain (init_from, export)')}",
         f"expert: {w.expert or 'unknown (no metadata, no high_noise/low_noise in the name)'}",
         f"dtype: {str(w.dtype).removeprefix('torch.')}",
         f"modules: {len(w.modules)} ({len(blocks)} blocks x {len(kinds)}: {', '.join(kinds)})",

@@ -51,6 +51,9 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
     """Write ``data`` under a temporary name beside ``path``, fsync it, rename
     into place: a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # never replace a folder, a device node (/dev/null), a fifo, ...
+        raise WantrainError(ProfileProblem(str(path), "is not a regular file (a folder, device or other special file); "
+                                           "refusing to replace it", fix="write to a new file path"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -68,6 +71,16 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
 def write_atomic(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str]) -> Path:
     """A safetensors file (canonical bytes, :func:`serialize`) written atomically."""
     return write_bytes_atomic(serialize(tensors, meta), path)
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """WantrainError when a floating tensor holds nan or inf (one device sync):
+    a diverged run must never write (and rotate in) weights that are garbage."""
+    floats = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
+    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+        raise WantrainError(ProfileProblem(where, "the LoRA weights are not finite (nan or inf): the run diverged; "
+                                           "nothing was written, earlier checkpoints are intact",
+                                           fix="lower training.lr and resume from the last checkpoint"))
 
 
 def fsync_dir(path: Path) -> None:

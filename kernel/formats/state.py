@@ -4,7 +4,8 @@
                           "<expert>.blocks.{i}.<diffusers module>.lora_A.weight"
     tensors.safetensors   optimizer, RNG and plugin tensors
     state.json            {"format": "wantrain.resume", "version": 1, "step",
-                          "name", "experts", "profile" (dotted keys), "tree"}
+                          "name", "experts", "lineage", "written_at",
+                          "profile" (dotted keys), "tree"}
                           -- the tree's tensors are references into
                           tensors.safetensors
 
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
+import attrs
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..errors import ProfileProblem, WantrainError
 from . import safetensors as st
@@ -33,6 +36,22 @@ VERSION = 1
 STATE_JSON = "state.json"
 LORA_FILE = "lora.safetensors"
 TENSORS_FILE = "tensors.safetensors"
+
+#: the lineage of checkpoints written before lineages were recorded
+LEGACY = "legacy"
+
+
+@attrs.frozen
+class Lineage:
+    """A chain of checkpoints, each continuing the one before (docs/checkpoints.md,
+    "Lineages"). ``tag`` is part of the names of its checkpoints (``step_<k>_<tag>``,
+    ``<name>_<k>_<tag>_<expert>``); "" for the lineage a folder started with."""
+
+    id: str = LEGACY
+    tag: str = ""
+    #: the checkpoint folder this run resumed from (None: a fresh start)
+    resumed_from: str | None = None
+
 
 _RESUME_FIX = "give a <output_dir>/checkpoints/step_<N> folder; to start from a LoRA file use [target] init_from"
 
@@ -117,7 +136,78 @@ def read_doc(folder: Path, where: str = "--resume", fix: str = _RESUME_FIX) -> d
         raise WantrainError(ProfileProblem(where, f"unreadable checkpoint ({exc})", str(folder))) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise WantrainError(ProfileProblem(where, "not a wantrain resume state of a known version", str(folder)))
+    wrong = _wrong_field(doc)
+    if wrong:
+        raise WantrainError(ProfileProblem(where, f"damaged checkpoint: state.json {wrong}", str(folder),
+                                           _DAMAGED_FIX if where == "--resume" else "give another checkpoint"))
     return doc
+
+
+_DAMAGED_FIX = "give an earlier checkpoints/step_N folder (--resume auto skips damaged ones)"
+#: state.json fields and what each must be
+_FIELDS = {
+    "step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "experts": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(e, str) for e in v), "a list of expert names"),
+    "profile": (lambda v: isinstance(v, dict), "a table"),
+    "tree": (lambda v: isinstance(v, dict), "a table"),
+}
+
+
+def _wrong_field(doc: Mapping[str, Any], required: Iterable[str] = ("step",)) -> str | None:
+    """What is wrong with a parsed state.json's fields (those present, and the ``required`` ones), or None."""
+    for key, (ok, what) in _FIELDS.items():
+        if key not in doc:
+            if key in required:
+                return f"has no {key!r}"
+            continue
+        if not ok(doc[key]):
+            return f"{key!r} is not {what} (got {json.dumps(doc[key])[:40]})"
+    return None
+
+
+def check_files(folder: Path, doc: Mapping[str, Any], where: str = "--resume") -> None:
+    """Cheap checks that a checkpoint can be restored, without loading a
+    tensor: both safetensors files open (a truncated file fails here: its
+    header no longer covers the file), ``lora.safetensors`` holds weights of
+    every expert the state names, ``tensors.safetensors`` every tensor the
+    tree refers to. WantrainError naming the file and what is wrong."""
+    folder = Path(folder)
+    wrong = _wrong_field(doc, required=_FIELDS)
+    if wrong:
+        raise WantrainError(ProfileProblem(where, f"damaged checkpoint: state.json {wrong}", str(folder), _DAMAGED_FIX))
+    lora_keys = _keys(folder / LORA_FILE, where)
+    missing = [e for e in doc["experts"] if not any(k.startswith(e + ".") for k in lora_keys)]
+    if missing:
+        raise WantrainError(ProfileProblem(where, f"damaged checkpoint: {LORA_FILE} holds no {missing[0]} weights",
+                                           str(folder), _DAMAGED_FIX))
+    tensor_keys = _keys(folder / TENSORS_FILE, where)
+    absent = [r for r in _tensor_refs(doc["tree"]) if r not in tensor_keys]
+    if absent:
+        raise WantrainError(ProfileProblem(where, f"damaged checkpoint: {TENSORS_FILE} lacks {len(absent)} tensor(s) "
+                                           f"the state refers to (e.g. {absent[0]!r})", str(folder), _DAMAGED_FIX))
+
+
+def _keys(path: Path, where: str) -> set[str]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return set(fh.keys())
+    except Exception as exc:  # noqa: BLE001 - missing, truncated or garbage: all the same to the user
+        reason = "missing" if not path.exists() else (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise WantrainError(ProfileProblem(where, f"damaged checkpoint: {path.name} is unreadable ({reason})",
+                                           str(path.parent), _DAMAGED_FIX)) from None
+
+
+def _tensor_refs(tree: Any) -> Iterator[str]:
+    """Every tensor key an encoded tree refers to."""
+    if isinstance(tree, list):
+        for v in tree:
+            yield from _tensor_refs(v)
+    elif isinstance(tree, dict):
+        for tag in ("__tensor__", "__ndarray__"):
+            if isinstance(tree.get(tag), str):
+                yield tree[tag]
+        for v in tree.values():
+            yield from _tensor_refs(v)
 
 
 def read_weights(folder: Path, experts: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -11,6 +11,7 @@ on the high-noise expert and 3.0 on the low-noise one, 16 fps)::
 
 Events:
 
+- ``estimate_memory`` -- previews need every expert, trained or not;
 - ``on_run_start`` -- at_start: asks for previews of the starting step
   (otherwise it only encodes the prompts, so ``text_cache`` holds them);
 - ``on_step`` -- every ``every`` steps and at the last step (``at_end``);
@@ -104,6 +105,11 @@ class Plugin:
     @hookimpl
     def check_profile(self, profile):
         return profile_problems(self.config, profile)
+
+    @hookimpl
+    def estimate_memory(self):
+        # the denoising loop needs both experts: one that is not trained loads on first use and stays
+        return {"loads_untrained_experts": True, "note": "previews load every expert, trained or not"}
 
     @hookimpl
     def on_run_start(self, run: Run):

@@ -6,8 +6,12 @@ encoder, VAE, both experts with their LoRA in place), so a preview shows
 exactly the weights being trained.
 
     text states   run.encode_prompts(prompts), run.encode_prompts([negative])
-    noise         torch.Generator("cpu").manual_seed(seed)  -- never the training RNG
-    schedule      diffusers FlowMatchEulerDiscreteScheduler(shift=shift), `steps` steps
+    noise         torch.Generator("cpu").manual_seed(seed)  -- never the training RNG;
+                  walk_seed = true: prompt i from its own generator of seed + i
+    schedule      sampler = "euler": diffusers FlowMatchEulerDiscreteScheduler(shift=shift);
+                  sampler = "unipc": UniPCMultistepScheduler as the Wan pipelines set it up
+                  (flow_prediction, use_flow_sigmas, flow_shift=shift), one per prompt;
+                  `steps` steps
     each step     expert = high_noise if t >= boundary * 1000 else low_noise
                   v = uncond + g * (cond - uncond), g = guidance_high / guidance_low
     decode        wantrain.model.decode_latents(run.vae, latents)
@@ -25,6 +29,7 @@ afterwards. On a CPU run nothing moves.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import re
@@ -38,7 +43,7 @@ import torch
 
 from wantrain import flow, hookimpl, lora, model
 from wantrain.formats.lora import LoraWeights, read_lora, read_lora_sources
-from wantrain.profile import _Invalid, _named, frame_count, in_range, non_empty, positive
+from wantrain.profile import _Invalid, _named, frame_count, in_range, non_empty, one_of, positive
 
 log = logging.getLogger("wantrain.sample")
 
@@ -68,6 +73,10 @@ class SampleSettings:
     guidance_low: float = attrs.field(default=3.0, validator=in_range(1.0))
     seed: int = 42
     fps: float = attrs.field(default=16.0, validator=positive)
+    #: "euler" (flow-match Euler) or "unipc" (diffusers' UniPC, as Wan's pipelines use it)
+    sampler: str = attrs.field(default="euler", validator=one_of("euler", "unipc"))
+    #: prompt i starts from the noise of seed + i (else one generator of seed, drawn in prompt order)
+    walk_seed: bool = False
 
 
 def settings_from(config: Any, **changes: Any) -> SampleSettings:
@@ -87,11 +96,23 @@ def latent_shape(settings: SampleSettings) -> tuple[int, int, int, int, int]:
 
 
 def make_scheduler(settings: SampleSettings):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(flow.T_MAX), shift=settings.shift)
+    if settings.sampler == "unipc":  # as diffusers' Wan pipelines configure it
+        scheduler = UniPCMultistepScheduler(num_train_timesteps=int(flow.T_MAX), prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=settings.shift)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(flow.T_MAX), shift=settings.shift)
     scheduler.set_timesteps(settings.steps)
     return scheduler
+
+
+def steppers(settings: SampleSettings, scheduler, count: int) -> list:
+    """One multistep solver per prompt (its history is per trajectory), or
+    Nones for Euler, which :func:`denoise` steps itself."""
+    if settings.sampler == "euler":
+        return [None] * count
+    return [copy.deepcopy(scheduler) for _ in range(count)]
 
 
 # ---------------------------------------------------------------- state
@@ -193,6 +214,7 @@ def render(run, settings: SampleSettings, folder: str | Path, *, use_lora: bool 
             cond = run.encode_prompts(prompts)
             negative = run.encode_prompts([settings.negative_prompt]) if _uses_cfg(settings) else None
             latents = initial_noise(settings, len(prompts))
+            solvers = steppers(settings, scheduler, len(prompts))
             for expert in needed:
                 placement.visit(expert)  # before loading: an on-demand expert arrives on a free device
                 run.require_expert(expert).eval()
@@ -200,7 +222,8 @@ def render(run, settings: SampleSettings, folder: str | Path, *, use_lora: bool 
                 steps = [i for i, e in enumerate(routes) if e == expert]
                 with contextlib.nullcontext() if use_lora else run.lora_disabled(expert):
                     for p in range(len(prompts)):
-                        latents[p] = denoise(run, expert, scheduler, steps, latents[p], cond[p : p + 1], negative, _guidance(settings, expert))
+                        latents[p] = denoise(run, expert, scheduler, steps, latents[p], cond[p : p + 1], negative,
+                                             _guidance(settings, expert), solvers[p])
             placement.visit("vae")
             paths = [write_preview(run, latents[p], folder / f"{p}.mp4", settings.fps) for p in range(len(prompts))]
         finally:
@@ -221,13 +244,17 @@ def _guidance(settings: SampleSettings, expert: str) -> float:
 def initial_noise(settings: SampleSettings, count: int) -> list[torch.Tensor]:
     """One noise tensor per prompt from a generator of its own, so prompt
     ``i`` starts from the same noise at every preview step."""
+    if settings.walk_seed:
+        return [torch.randn(latent_shape(settings), generator=torch.Generator("cpu").manual_seed(settings.seed + i))
+                for i in range(count)]
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     return [torch.randn(latent_shape(settings), generator=generator) for _ in range(count)]
 
 
 def denoise(run, expert: str, template, steps: list[int], x: torch.Tensor, cond: torch.Tensor,
-            negative: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """The Euler steps ``steps`` (indices into the schedule) of one prompt with ``expert``."""
+            negative: torch.Tensor | None, guidance: float, solver=None) -> torch.Tensor:
+    """The steps ``steps`` (indices into the schedule) of one prompt with
+    ``expert``: Euler, or ``solver.step`` (this prompt's own multistep scheduler)."""
     x = x.to(run.device, torch.float32)
     sigmas = template.sigmas
     for i in steps:
@@ -236,6 +263,9 @@ def denoise(run, expert: str, template, steps: list[int], x: torch.Tensor, cond:
         if guidance > 1.0 and negative is not None:
             uncond = run.predict(expert, x, t, negative)
             v = uncond + guidance * (v - uncond)
+        if solver is not None:
+            x = solver.step(v, template.timesteps[i], x, return_dict=False)[0].float()
+            continue
         # FlowMatchEulerDiscreteScheduler.step: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v
         x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * v
     return x.cpu()

@@ -107,7 +107,7 @@ def test_misspelled_hook_is_an_error_before_weights(tmp_path):
     p = _load({"enabled": ["typo.py"]}, tmp_path)
     with pytest.raises(PluginError) as info:
         registry.make_plugin_manager(p, core=CoreHooks())
-    assert info.value.lines() == ["error: plugins.typo.py: implements an unknown event (got 'on_stepp'); did you mean 'on_step'?"]
+    assert info.value.lines() == ["error: plugins.\"typo.py\": implements an unknown event (got 'on_stepp'); did you mean 'on_step'?"]
 
 
 def test_module_level_hookimpls(tmp_path):

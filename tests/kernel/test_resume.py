@@ -19,6 +19,7 @@ import pytest
 import tomli_w
 import torch
 
+from wantrain.formats import safetensors as st
 from wantrain.formats import state as state_files
 from wantrain import resume
 from wantrain.commands.cli import main as cli
@@ -247,7 +248,10 @@ def test_only_committed_folders_are_checkpoints(tmp_path):
     for name in ("step_000000002", "step_000000004", ".step_000000006.tmp-123", "step_000000008", "step_12"):
         (root / name).mkdir(parents=True)
     for name in ("step_000000002", "step_000000004", ".step_000000006.tmp-123", "step_12"):
-        (root / name / "state.json").write_text(json.dumps({"format": resume.FORMAT, "version": 1, "step": int(name[-1])}))
+        (root / name / "state.json").write_text(json.dumps({"format": resume.FORMAT, "version": 1, "step": int(name[-1]),
+                                                            "experts": ["high_noise"], "profile": {}, "tree": {}}))
+        st.write_atomic({"high_noise.x": torch.zeros(1)}, root / name / "lora.safetensors", {})  # resume checks the files
+        st.write_atomic({}, root / name / "tensors.safetensors", {})
     assert [s for s, _ in resume.list_checkpoints(tmp_path)] == [2, 4]  # step 8 has no state.json
     (root / "step_000000004" / "state.json").write_text("{half")
     assert resume.newest_checkpoint(tmp_path).step == 2  # damaged newest one skipped

@@ -156,7 +156,8 @@ def test_a_full_disk_is_one_error_line_and_keeps_earlier_checkpoints(profile_dat
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert errors == [
         f"error: job.output_dir: disk full while writing the checkpoint of step 4; nothing of it was kept, "
-        f"earlier checkpoints are intact (got '{out}'); free space (or keep fewer checkpoints) "
+        f"earlier checkpoints are intact (got '{out}'); free space (rotation runs only after a save succeeds, "
+        f"so a lower keep frees nothing now: delete checkpoints older than the newest, or other files) "
         f"and run the same command again to resume"]
     assert sorted(p.name for p in out.iterdir() if p.name != "profile.toml") == [
         "checkpoints", "t_000000002_high_noise.safetensors", "t_000000002_low_noise.safetensors"]

@@ -301,3 +301,49 @@ def test_prompts_are_encoded_at_start_even_without_a_start_preview():
     )
     Plugin(Config(prompts=("[trigger] walks",), negative_prompt="blurry", at_start=False)).on_run_start(run=run)
     assert asked == [["sks walks", "blurry"]]  # text_cache (unload = true) needs them before it drops the encoder
+
+
+# ---------------------------------------------------------------- sampler controls
+
+
+def test_unipc_renders_differ_from_euler_and_are_deterministic(sampled, tmp_path):
+    settings = sampling.settings_from(sampled.profile.plugin_config("sample"), prompts=(PROMPTS[0],))
+    euler = sampling.render(sampled, settings, tmp_path / "euler")
+    unipc = sampling.settings_from(settings, sampler="unipc")
+    first = sampling.render(sampled, unipc, tmp_path / "unipc1")
+    again = sampling.render(sampled, unipc, tmp_path / "unipc2")
+    assert Path(first[0]).read_bytes() == Path(again[0]).read_bytes()
+    assert np.abs(_decode(first[0]).astype(int) - _decode(euler[0]).astype(int)).mean() > 0.5
+
+
+def test_unipc_is_configured_as_the_wan_pipelines_use_it():
+    from diffusers import UniPCMultistepScheduler
+
+    settings = sampling.SampleSettings(prompts=("x",), sampler="unipc", shift=5.0, steps=10)
+    scheduler = sampling.make_scheduler(settings)
+    assert isinstance(scheduler, UniPCMultistepScheduler)
+    cfg = scheduler.config
+    assert (cfg.prediction_type, cfg.use_flow_sigmas, cfg.flow_shift, cfg.num_train_timesteps) == ("flow_prediction", True, 5.0, 1000)
+    assert len(scheduler.timesteps) == 10 and float(scheduler.timesteps[0]) > 990
+
+
+def test_walk_seed_gives_prompt_i_the_noise_of_seed_plus_i():
+    import attrs
+
+    walk = sampling.SampleSettings(prompts=("a", "b", "c"), seed=5, walk_seed=True, width=32, height=32, num_frames=5)
+    noise = sampling.initial_noise(walk, 3)
+    for i in range(3):
+        alone = sampling.initial_noise(attrs.evolve(walk, seed=5 + i, walk_seed=False), 1)[0]
+        assert torch.equal(noise[i], alone)
+    # the default is unchanged: one generator of the seed, drawn in prompt order
+    default = sampling.initial_noise(attrs.evolve(walk, walk_seed=False), 3)
+    generator = torch.Generator("cpu").manual_seed(5)
+    assert all(torch.equal(default[i], torch.randn(sampling.latent_shape(walk), generator=generator)) for i in range(3))
+    assert not torch.equal(default[1], noise[1])
+
+
+def test_sampler_must_be_known(profile_data):
+    profile_data["plugins"] = {"enabled": ["sample"], "sample": {"prompts": ["x"], "sampler": "dpm"}}
+    with pytest.raises(Exception) as err:
+        load_profile(data=profile_data)
+    assert "plugins.sample.sampler" in str(err.value) and "euler" in str(err.value)

@@ -140,3 +140,39 @@ def test_timestep_wrapper_records_the_answer_and_never_answers():
     assert {k: torch.cat(v).tolist() for k, v in plugin.timesteps.items()} == {"high_noise": [900.0] * 3, "low_noise": [100.0] * 2}
     pm.unregister(name="timesteps")
     assert pm.hook.sample_timesteps(run=None, expert="high_noise", batch_size=1, generator=g) is None
+
+
+CRASH_ONCE = textwrap.dedent(
+    """
+    import os
+    from wantrain import hookimpl
+
+    class Plugin:
+        @hookimpl(trylast=True)  # after tensorboard has logged the step
+        def on_step(self, step):
+            if step == 3 and os.path.exists(os.environ["WANTRAIN_TEST_CRASH"]):
+                os.remove(os.environ["WANTRAIN_TEST_CRASH"])
+                raise RuntimeError("simulated crash after step 3")
+    """
+)
+
+
+def test_a_resumed_curve_is_continuous_without_duplicates(profile_data, tmp_path, monkeypatch):
+    """Checkpoint at 2, crash after 3 was logged, resume from 2: the curve is
+    1, 2, 3, 4 -- the checkpoint's own step kept, the lost step 3 replaced."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "crash.py").write_text(CRASH_ONCE)
+    marker = tmp_path / "crash-once"
+    marker.write_text("")
+    monkeypatch.setenv("WANTRAIN_TEST_CRASH", str(marker))
+    profile_data["plugins"] = {"enabled": ["tensorboard", "checkpoints", str(tmp_path / "crash.py")],
+                               "checkpoints": {"every": 2, "dtype": "fp32"}}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(load_profile(data=profile_data))
+    run = train(load_profile(data=profile_data), resume="auto")
+    assert run.step == 4
+    acc = EventAccumulator(str(run.output_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("train/lr")] == [1, 2, 3, 4]
