@@ -82,7 +82,3 @@ class ModelError(WantrainError):
 
 class DataError(WantrainError):
     """A dataset has no usable item, or its folder is missing."""
-
-
-class StopRun(Exception):
-    """Raised inside the loop to stop early and cleanly (graceful stop)."""

@@ -359,6 +359,22 @@ def generate_samples(run: "Run", step: int) -> "list[str] | None":
     """
 
 
+@hookspec
+def on_progress(run: "Run", task: str, done: int, total: int) -> None:
+    """Long work outside the training step moved on: ``done`` of ``total``
+    units of ``task`` are finished (``task`` is a short label a person reads:
+    "caching text states", "caching latents", "rendering previews").
+
+    Fires: from the code doing such work -- the text and latent caches while
+    they encode, the preview sampler after each prompt's denoising steps --
+    once with ``done = 0`` when the task starts and after every unit;
+    ``done == total`` ends the task. A progress display shows it as a nested
+    bar (the ``progress`` plugin) or as log lines.
+
+    :return: *notify*.
+    """
+
+
 # ---------------------------------------------------------------- end
 
 

@@ -13,7 +13,7 @@ import torch
 
 from . import flow, lora, model
 from .data import build_train_data
-from .errors import ProfileError, ProfileProblem, WantrainError
+from .errors import ProfileProblem, WantrainError
 from .run import CORE, Run, StepContext, load_expert_into, load_frozen, open_run, peak_memory_gb, write_profile
 from .lora import load_init_from
 from .optim import build_optimizer, build_scheduler
@@ -226,20 +226,3 @@ def micro_step(run: Run, expert: str, batch) -> dict[str, torch.Tensor]:
     if batch.prior_loss_weight is not None:
         out["loss/regularization"] = main.detach()
     return out
-
-
-def check(profile: Profile) -> list[ProfileProblem]:
-    """``wantrain check``: plugins, cross-checks, dataset folders, model path;
-    loads no weights. Every problem at once."""
-    problems: list[ProfileProblem] = []
-    try:
-        open_run(profile, purpose="inspect")
-    except ProfileError as exc:
-        problems += exc.problems
-    problems += model.check_model_source(profile.model.name_or_path)
-    problems += model.check_rank(profile.model.name_or_path, profile.target.rank, profile.target.modules)
-    try:
-        build_train_data(profile, seed=profile.job.seed).close()
-    except WantrainError as exc:
-        problems += exc.problems
-    return problems

@@ -185,13 +185,18 @@ class FillStats:
 
 
 def fill(stores: dict[int, LatentStore], specs: Iterable, load: Callable, encode: Callable[[torch.Tensor], torch.Tensor],
-         file_hash: Callable[[str], str]) -> FillStats:
+         file_hash: Callable[[str], str], progress: Callable[[int, int], None] = lambda done, total: None) -> FillStats:
     """Encode every spec whose latents are missing. ``load(spec)`` gives
     pixels ``[3, F, H, W]`` (MediaError for a bad file); ``encode`` maps
-    pixels ``[1, 3, F, H, W]`` to latents ``[1, 16, F', h, w]``."""
+    pixels ``[1, 3, F, H, W]`` to latents ``[1, 16, F', h, w]``;
+    ``progress(done, total)`` is told after every spec."""
     stats = FillStats()
     bad: set[str] = set()
-    for spec in specs:
+    specs = list(specs)
+    progress(0, len(specs))
+    for done, spec in enumerate(specs, 1):
+        if done > 1:
+            progress(done - 1, len(specs))
         if spec.path in bad:
             continue
         store, key = stores[spec.dataset], spec.cache_key()
@@ -208,6 +213,8 @@ def fill(stores: dict[int, LatentStore], specs: Iterable, load: Callable, encode
             latents = encode(pixels[None])[0]
         store.put(key, latents, spec.path, file_hash(spec.path))
         stats.encoded += 1
+    if specs:
+        progress(len(specs), len(specs))
     return stats
 
 
@@ -255,7 +262,8 @@ class Plugin:
         self.stores = make_stores(self.config, run.profile, run.data, vae_identity(run))
         current = {item.path: wdata.file_hash(item.path) for ds in run.data.datasets if ds.index in self.stores for item in ds.items}
         removed = sum(store.prune_stale(current) for store in {id(s): s for s in self.stores.values()}.values())
-        stats = fill(self.stores, run.data.iter_items(), run.data.load, lambda px: model.encode_pixels(run.vae, px), wdata.file_hash)
+        stats = fill(self.stores, run.data.iter_items(), run.data.load, lambda px: model.encode_pixels(run.vae, px), wdata.file_hash,
+                     lambda done, total: run.pm.hook.on_progress(run=run, task="caching latents", done=done, total=total))
         for dataset, path, reason in stats.failed:
             run.data.exclude(dataset, path, reason)
         run.data.skip_pixels(list(self.stores))

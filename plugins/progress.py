@@ -13,9 +13,14 @@ Loss and s/step are exponential moving averages (``smoothing``); s/step is
 wall-clock time between completed steps, so previews and saves count toward
 the ETA. While the bar is shown, log records are printed above it.
 
+Long work outside the step -- caching text states and latents, rendering
+previews -- gets a nested bar under the step bar (``on_progress``; a line
+when it starts and one when it ends in log mode).
+
 Events: ``on_run_start`` (opens the bar), ``on_step`` (advances it),
-``generate_samples`` (a wrapper: the bar reads "rendering previews" while
-they render), ``on_run_end`` / ``on_exception`` (closes it).
+``on_progress`` (nested bars), ``generate_samples`` (a wrapper: the bar
+reads "rendering previews" while they render), ``on_run_end`` /
+``on_exception`` (closes it).
 """
 
 from __future__ import annotations
@@ -109,6 +114,8 @@ class Plugin:
         self.bar = None
         self._redirect: contextlib.ExitStack | None = None
         self._last_log = (0, 0.0)
+        #: task label -> its nested bar (bar mode) or its start time (log mode)
+        self.tasks: dict[str, object] = {}
 
     def use_bar(self) -> bool:
         if self.config.mode != "auto":
@@ -159,6 +166,29 @@ class Plugin:
             self.bar.set_description_str("", refresh=True)
 
     @hookimpl
+    def on_progress(self, task, done, total):
+        """A nested bar per task under the step bar (bar mode); a line when a
+        task starts and one when it ends (log mode)."""
+        if total <= 0:
+            return
+        if self.use_bar():
+            from tqdm import tqdm
+
+            bar = self.tasks.get(task)
+            if bar is None:
+                bar = self.tasks[task] = tqdm(total=total, desc=task, file=self.stream, leave=False, position=1,
+                                              dynamic_ncols=True, unit="it")
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+                del self.tasks[task]
+        elif task not in self.tasks:
+            self.tasks[task] = self.clock()
+            log.info("%s: %d to do", task, total)
+        elif done >= total:
+            log.info("%s: %d done in %.1f s", task, total, self.clock() - self.tasks.pop(task))
+
+    @hookimpl
     def on_run_end(self):
         self.close()
 
@@ -167,6 +197,10 @@ class Plugin:
         self.close()
 
     def close(self) -> None:
+        for bar in self.tasks.values():
+            if hasattr(bar, "close"):
+                bar.close()
+        self.tasks.clear()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

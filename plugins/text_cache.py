@@ -219,11 +219,14 @@ class Plugin:
             raise WantrainError(f"text_cache: the text encoder was unloaded (unload = true) before {missing[0]!r} "
                                 "was encoded; encode such prompts in on_run_start, or set unload = false")
         p = run.profile.model
+        if missing:
+            run.pm.hook.on_progress(run=run, task="caching text states", done=0, total=len(missing))
         for i in range(0, len(missing), ENCODE_BATCH):
             chunk = missing[i : i + ENCODE_BATCH]
             states = model.encode_text(run.tokenizer, run.text_encoder, chunk, p.max_sequence_length, "cpu", run.dtype)
             for text, s in zip(chunk, states):
                 store.put(text, s)
+            run.pm.hook.on_progress(run=run, task="caching text states", done=i + len(chunk), total=len(missing))
 
     @hookimpl(trylast=True)  # after every other plugin's on_run_start (e.g. `sample` encoding its prompts)
     def on_run_start(self, run):

@@ -129,7 +129,7 @@ def printable(text: str) -> str:
 
 
 def cmd_check(args) -> int:
-    from ..loop import check
+    from .check import check
     from ..profile import load_profile
 
     profile = load_profile(args.profile, args.overrides)

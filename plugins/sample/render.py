@@ -215,6 +215,8 @@ def render(run, settings: SampleSettings, folder: str | Path, *, use_lora: bool 
             negative = run.encode_prompts([settings.negative_prompt]) if _uses_cfg(settings) else None
             latents = initial_noise(settings, len(prompts))
             solvers = steppers(settings, scheduler, len(prompts))
+            done, total = 0, len(prompts) * len(routes)  # denoising steps, for on_progress
+            run.pm.hook.on_progress(run=run, task="rendering previews", done=0, total=total)
             for expert in needed:
                 placement.visit(expert)  # before loading: an on-demand expert arrives on a free device
                 run.require_expert(expert).eval()
@@ -224,6 +226,8 @@ def render(run, settings: SampleSettings, folder: str | Path, *, use_lora: bool 
                     for p in range(len(prompts)):
                         latents[p] = denoise(run, expert, scheduler, steps, latents[p], cond[p : p + 1], negative,
                                              _guidance(settings, expert), solvers[p])
+                        done += len(steps)
+                        run.pm.hook.on_progress(run=run, task="rendering previews", done=done, total=total)
             placement.visit("vae")
             paths = [write_preview(run, latents[p], folder / f"{p}.mp4", settings.fps) for p in range(len(prompts))]
         finally:

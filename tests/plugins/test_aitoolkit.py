@@ -176,7 +176,7 @@ def test_printed_profile_matches_the_file(tmp_path):
 
 def test_listed_in_a_profile_it_does_nothing(profile_data):
     """It only adds a command: enabling it changes no run."""
-    from wantrain.loop import check
+    from wantrain.commands.check import check
 
     profile_data["plugins"] = {"enabled": ["aitoolkit"]}
     assert check(load_profile(data=profile_data)) == []

@@ -142,7 +142,14 @@ def tiny_vae(tiny_model):
 def fake_run(profile, td, vae, tmp_path, model_path):
     profile = copy.copy(profile)
     object.__setattr__(profile, "model", SimpleNamespace(name_or_path=str(model_path)))
-    return SimpleNamespace(profile=profile, data=td, vae=vae, device=torch.device("cpu"), dtype=torch.float32, output_dir=tmp_path)
+    import pluggy
+
+    from wantrain import PROJECT, hookspecs
+
+    pm = pluggy.PluginManager(PROJECT)  # the events, no other plugin (on_progress goes nowhere)
+    pm.add_hookspecs(hookspecs)
+    return SimpleNamespace(profile=profile, data=td, vae=vae, device=torch.device("cpu"), dtype=torch.float32,
+                           output_dir=tmp_path, pm=pm)
 
 
 def test_cached_latents_equal_the_vae_and_pixels_are_skipped(small, tmp_path, tiny_vae, tiny_model):

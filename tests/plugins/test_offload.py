@@ -107,7 +107,7 @@ def test_streamed_blocks_are_evenly_spaced():
 
 
 def test_layers_need_gradient_checkpointing_and_a_fraction(profile_data):
-    from wantrain.loop import check
+    from wantrain.commands.check import check
 
     data = _data(profile_data, layers=0.5)
     data["model"]["gradient_checkpointing"] = False

@@ -139,3 +139,57 @@ def test_without_a_bar_previews_pass_through():
     with pytest.raises(StopIteration) as done:
         around.send(["a.mp4"])
     assert done.value.value == ["a.mp4"]
+
+
+def test_long_work_gets_a_nested_bar_that_closes():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    plugin = Plugin(Config())
+    plugin.stream = stream
+    for done in range(4):
+        plugin.on_progress(task="caching latents", done=done, total=3)
+        if done < 3:
+            assert "caching latents" in plugin.tasks  # open while the task runs
+    assert plugin.tasks == {}  # done == total closes it
+    text = stream.getvalue()
+    assert "caching latents:   0%" in text and "0/3" in text  # drawn, then cleared (leave=False) when done
+
+
+def test_long_work_in_log_mode_is_a_start_and_an_end_line(caplog):
+    caplog.set_level(logging.INFO, logger="wantrain.progress")
+    plugin = Plugin(Config(mode="log"))
+    ticks = iter([10.0, 12.5])
+    plugin.clock = lambda: next(ticks)
+    for done in range(3):
+        plugin.on_progress(task="caching text states", done=done, total=2)
+    assert [r.getMessage() for r in caplog.records] == ["caching text states: 2 to do", "caching text states: 2 done in 2.5 s"]
+
+
+def test_caches_and_previews_report_their_progress(profile_data, tmp_path):
+    """A real run: the text cache, the latent cache and the preview sampler
+    each fire on_progress from 0 up to their total."""
+    (tmp_path / "rec_progress.py").write_text(
+        "from wantrain import hookimpl\n\nseen = []\n\n"
+        "@hookimpl\n"
+        "def on_progress(task, done, total):\n"
+        "    seen.append((task, done, total))\n")
+    profile_data["datasets"][0]["cache_latents"] = True
+    profile_data["training"]["steps"] = 2
+    profile_data["plugins"] = {
+        "enabled": ["text_cache", "latent_cache", "sample", str(tmp_path / "rec_progress.py")],
+        "sample": {"prompts": ["a cat"], "steps": 2, "num_frames": 5, "width": 32, "height": 32, "every": 0,
+                   "at_start": False, "guidance_high": 1.0, "guidance_low": 1.0}}
+    run = train(load_profile(data=profile_data))
+    seen = run.pm.get_plugin(str(tmp_path / "rec_progress.py")).seen
+    for task in ("caching text states", "caching latents", "rendering previews"):
+        mine = [(d, t) for name, d, t in seen if name == task]
+        assert mine, task
+        # one or more runs of the task, each from 0 up to its total, only forward
+        starts = [i for i, (d, _) in enumerate(mine) if d == 0] + [len(mine)]
+        for a, b in zip(starts, starts[1:]):
+            one = mine[a:b]
+            total = one[0][1]
+            assert one[-1] == (total, total) and [d for d, _ in one] == sorted(d for d, _ in one), (task, mine)

@@ -196,7 +196,7 @@ def test_profile_mistakes_are_reported(profile_data, tmp_path):
     text = str(err.value)
     assert "plugins.quantize.transformer: must be one of" in text and "plugins.quantize.text_encoder" in text
 
-    from wantrain.loop import check
+    from wantrain.commands.check import check
 
     data = _profile(profile_data, tmp_path, transformer="qint4+ara", ara=str(tmp_path / "one.safetensors"))
     lines = [p.line() for p in check(load_profile(data=data))]

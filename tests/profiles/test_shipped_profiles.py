@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wantrain.loop import check
+from wantrain.commands.check import check
 from wantrain.profile import load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
