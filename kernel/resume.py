@@ -46,11 +46,11 @@ from . import lora, registry
 from .errors import ProfileProblem, WantrainError
 from .formats import safetensors as st
 from .formats import state as state_files
+from .formats.state import CHECKPOINTS_DIR as CHECKPOINTS
 from .formats.state import FORMAT, LEGACY, STATE_JSON, VERSION, encode_tree
 
 log = logging.getLogger("wantrain")
 
-CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{9})(?:_([0-9a-f]{6}))?$")  # the optional lineage tag
 _STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})(?:_(?P<tag>[0-9a-f]{6}))?_(?P<expert>high_noise|low_noise)"
                         r"(?:_[a-z]+)?\.safetensors$")

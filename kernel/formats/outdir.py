@@ -80,7 +80,8 @@ def start_lineage(run, ckpt) -> None:
     tagged in its names when the folder already holds checkpoints. A run that
     does not continue the folder's newest checkpoint sets the final files
     there aside (they are another lineage's, not this run's result)."""
-    from ..resume import CHECKPOINTS, list_checkpoints, newest_checkpoint  # resume imports this module
+    from ..resume import list_checkpoints, newest_checkpoint  # resume imports this module
+    from .state import CHECKPOINTS_DIR as CHECKPOINTS
 
     out = Path(run.output_dir)
     here = ckpt is not None and ckpt.path.resolve().parent == (out / CHECKPOINTS).resolve()

@@ -33,6 +33,11 @@ from . import safetensors as st
 
 FORMAT = "wantrain.resume"
 VERSION = 1
+#: ``<output_dir>/checkpoints/`` holds the resume state (the file layout of
+#: docs/checkpoints.md; the same word as the plugin that writes periodic
+#: checkpoints, but the folder is the kernel's: resume and graceful stop use it
+#: with or without that plugin)
+CHECKPOINTS_DIR = "checkpoints"
 STATE_JSON = "state.json"
 LORA_FILE = "lora.safetensors"
 TENSORS_FILE = "tensors.safetensors"
