@@ -17,8 +17,11 @@ T_MAX = 1000.0
 
 
 def expert_range(expert: str, boundary: float) -> tuple[float, float]:
-    """[lo, hi) in t space for ``expert`` (high noise includes 1000)."""
+    """[lo, hi) in t space for ``expert`` (high noise includes 1000; a
+    single-expert model's one expert covers all of [0, 1000])."""
     cut = boundary * T_MAX
+    if expert not in ("high_noise", "low_noise"):
+        return (0.0, T_MAX)
     return (cut, T_MAX) if expert == "high_noise" else (0.0, cut)
 
 
@@ -40,9 +43,17 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Loss in fp32, mean over every element."""
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss in fp32, mean over every element (``weight``: broadcastable 0/1
+    mask, mean over the weighted elements -- TI2V's clean start frame is left out)."""
     pred, target = pred.float(), target.float()
+    if weight is None:
+        if kind == "huber":
+            return torch.nn.functional.huber_loss(pred, target, delta=1.0)
+        return torch.nn.functional.mse_loss(pred, target)
     if kind == "huber":
-        return torch.nn.functional.huber_loss(pred, target, delta=1.0)
-    return torch.nn.functional.mse_loss(pred, target)
+        each = torch.nn.functional.huber_loss(pred, target, delta=1.0, reduction="none")
+    else:
+        each = (pred - target) ** 2
+    weight = weight.to(each).expand_as(each)
+    return (each * weight).sum() / weight.sum().clamp_min(1.0)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import torch
 
+    from .archs.condition import Condition
     from .commands.estimate import Remedy, Settings
     from .run import Run, StepContext
     from .data import Batch
@@ -149,6 +150,24 @@ def encode_videos(run: "Run", batch: "Batch") -> "torch.Tensor | None":
 
     :return: *first result* -- the latents, or None. Kernel fallback: encode
         with the VAE now (``wantrain.model.encode_pixels``).
+    """
+
+
+@hookspec(firstresult=True)
+def encode_condition(run: "Run", batch: "Batch") -> "torch.Tensor | None":
+    """The condition latents of a batch for an arch that takes a start frame
+    (``run.arch.takes_start_frame``: I2V-A14B, TI2V-5B): normalised VAE
+    latents of each sample's condition video
+    (:func:`wantrain.archs.condition.condition_video`: I2V the start frame,
+    zeros and optionally the last frame; TI2V the start frame alone), built
+    from ``batch.start`` / ``batch.last`` -- the override image beside the
+    clip, else its own first (last) frame. The kernel adds the mask
+    (:func:`wantrain.archs.condition.assemble`).
+
+    Fires: once per micro-batch, after ``encode_videos``, only for such archs.
+
+    :return: *first result* -- the latents, or None. Kernel fallback:
+        VAE-encode now (the latent cache serves stored condition latents).
     """
 
 

@@ -11,15 +11,20 @@ from collections import deque
 
 import torch
 
-from . import flow, lora, model
+from . import flow, lora
+from .archs import ALL_EXPERTS
+from .archs.condition import draw_start_frames
 from .data import build_train_data
+from .distributed import hooks as distributed_hooks
+from .distributed.data import drawn_rows, loss_weight, my_rows
+from .distributed.step import agree_on_stop, open_checkpoint, reduce_step
 from .errors import ProfileProblem, WantrainError
-from .run import CORE, Run, StepContext, load_expert_into, load_frozen, open_run, peak_memory_gb, write_profile
+from .run import CORE, Run, StepContext, load_expert_into, load_frozen, open_run, peak_memory_gb
 from .lora import load_init_from
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, effective_lr
 from .profile import Profile
-from .formats.outdir import hold_output_dir, start_lineage
-from .resume import find_checkpoint, restore, save_final, save_on_stop, stop_on_signals
+from .formats.outdir import hold_output_dir
+from .resume import restore, save_final, save_on_stop, stop_on_signals
 
 log = logging.getLogger("wantrain")
 
@@ -27,7 +32,7 @@ log = logging.getLogger("wantrain")
 def setup(profile: Profile) -> Run:
     """Plugins registered and checked, profile cross-checked, output folder
     made -- everything before the first weight loads."""
-    return open_run(profile, purpose="train")
+    return open_run(profile, purpose="train", extra_plugins=distributed_hooks.plugins(profile))
 
 
 def load(run: Run) -> None:
@@ -45,15 +50,15 @@ def load(run: Run) -> None:
         module = load_expert_into(run, expert)
         if p.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()
-        seed = p.job.seed + model.EXPERTS.index(expert)  # same init whichever experts are trained
-        params = lora.attach_lora(module, p.target.rank, p.target.alpha, p.target.modules, seed=seed)
+        seed = p.job.seed + ALL_EXPERTS.index(expert)  # same init whichever experts are trained
+        params = lora.attach_target(module, p.target, seed=seed)
         run.lora_parameters[expert] = params
         module.train()
     load_init_from(run)  # [target] init_from: start from an existing LoRA
     run.pm.hook.after_adapters_attached(run=run)
     tcfg = p.training
-    params = [q for expert in run.trained for q in run.lora_parameters[expert]]
-    run.optimizer = build_optimizer(tcfg.optimizer, params, tcfg.lr, tcfg.weight_decay)
+    groups = [{"params": run.lora_parameters[e], "expert": e} for e in run.trained]  # one group per expert
+    run.optimizer = build_optimizer(tcfg.optimizer, groups, tcfg.lr, tcfg.weight_decay, tcfg.optimizer_args)
     run.lr_scheduler = build_scheduler(tcfg.lr_scheduler, run.optimizer, tcfg.warmup_steps, tcfg.steps)
 
 
@@ -76,9 +81,7 @@ def train(profile: Profile, resume: str = "auto") -> Run:
     run = setup(profile)
     with hold_output_dir(run.output_dir):
         try:
-            checkpoint = find_checkpoint(run, resume)  # profile checked against it before any weight loads
-            start_lineage(run, checkpoint)  # which checkpoints this run continues and rotates
-            write_profile(run)  # the run is accepted
+            checkpoint = open_checkpoint(run, resume)  # checked before any weight loads; lineage; profile.toml
             load(run)
             restore(run, checkpoint)
             run.pm.hook.on_run_start(run=run)
@@ -105,7 +108,7 @@ def fit(run: Run) -> None:
     history: deque[float] = deque(maxlen=50)
     first = []
     log_every = max(1, steps // 20)
-    while run.step < steps and not run.stop_requested:
+    while run.step < steps and not agree_on_stop(run):
         metrics = train_step(run)
         if metrics is None:  # a skipped non-finite step
             continue
@@ -155,6 +158,7 @@ def train_step(run: Run) -> dict | None:
         batch = run.data.next_batch(tcfg.batch_size)
         for key, value in micro_step(run, expert, batch).items():
             sums[key] = sums.get(key, 0.0) + value / tcfg.gradient_accumulation
+    sums = reduce_step(run, expert, sums)  # torchrun: LoRA gradients and losses averaged over the ranks
     sums = {key: float(value) for key, value in sums.items()}  # one device sync per step
     params = run.lora_parameters[expert]
     max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
@@ -171,11 +175,11 @@ def train_step(run: Run) -> dict | None:
     metrics = {
         **sums,
         f"loss/{expert}": sums["loss"],
-        "lr": run.lr_scheduler.get_last_lr()[0],
+        "lr": effective_lr(run.optimizer, params),  # prodigy: d * lr
         "grad_norm": run.grad_norm,
         "expert": expert,
         "step_time": seconds,
-        "samples_per_second": tcfg.batch_size * tcfg.gradient_accumulation / seconds,
+        "samples_per_second": tcfg.batch_size * tcfg.gradient_accumulation * run.world_size / seconds,
         "peak_memory_gb": peak_memory_gb(run.device),
     }
     run.last_metrics = metrics
@@ -204,23 +208,26 @@ def micro_step(run: Run, expert: str, batch) -> dict[str, torch.Tensor]:
     hook = run.pm.hook
     latents = run.encode_videos(batch).to(run.device, torch.float32)
     text_states = run.encode_prompts(batch.captions)
-    timesteps = hook.sample_timesteps(run=run, expert=expert, batch_size=latents.shape[0], generator=run.generator)
-    noise = torch.randn(latents.shape, generator=run.generator).to(run.device)
-    timesteps = timesteps.to(run.device)
+    drawn = drawn_rows(batch, latents.shape[0])  # torchrun: draw for the global batch, keep this rank's rows
+    timesteps = hook.sample_timesteps(run=run, expert=expert, batch_size=drawn, generator=run.generator)
+    noise = my_rows(batch, torch.randn((drawn, *latents.shape[1:]), generator=run.generator)).to(run.device)
+    timesteps = my_rows(batch, timesteps).to(run.device)
+    use = my_rows(batch, draw_start_frames(run.arch, run.profile.model, drawn, run.generator))
+    cond = run.encode_condition(batch, (latents.shape[2] - 1) * run.arch.vae_temporal + 1, use)
     noisy = flow.add_noise(latents, noise, timesteps)
-    pred = run.predict(expert, noisy, timesteps, text_states)
+    pred = run.predict(expert, noisy, timesteps, text_states, cond)
     target = flow.velocity_target(latents, noise)
     new_target = hook.compute_target(run=run, batch=batch, pred=pred, target=target)
     if new_target is not None:
         target = new_target
-    main = flow.flow_loss(pred, target, run.profile.training.loss)
+    main = flow.flow_loss(pred, target, run.profile.training.loss, cond.loss_weight())
     if batch.prior_loss_weight is not None:  # prior preservation: a regularization dataset's loss at its weight
         main = main * batch.prior_loss_weight
     ctx = StepContext(expert=expert, latents=latents, noise=noise, noisy=noisy, timesteps=timesteps,
-                      text_states=text_states, pred=pred, target=target, loss=main)
+                      text_states=text_states, pred=pred, target=target, loss=main, cond=cond)
     extras = {k: v for found in hook.compute_extra_losses(run=run, batch=batch, ctx=ctx) for k, v in (found or {}).items()}
     total = main + sum(extras.values()) if extras else main
-    (total / run.profile.training.gradient_accumulation).backward()
+    (total * loss_weight(batch) / run.profile.training.gradient_accumulation).backward()
     out = {"loss": total.detach(), "loss/main": main.detach()}
     out.update({f"loss/{k}": v.detach() for k, v in extras.items()})
     if batch.prior_loss_weight is not None:

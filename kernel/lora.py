@@ -16,7 +16,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-from . import model
+from . import adapters
+from .archs.checks import rank_problem
 from .errors import ProfileProblem, WantrainError
 from .formats.lora import LoraWeights, block_kind, read_expert_file, read_lora_sources, unreadable
 
@@ -42,13 +43,17 @@ def attach_lora(module: torch.nn.Module, rank: int, alpha: float, modules: Itera
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)
-    params = []
-    for name, param in module.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            param.data = param.data.float()
-            param.requires_grad_(True)
-            params.append(param)
-    return params
+    return adapters.compute_in_input_dtype(module, adapters.fp32_master_weights(module))  # bf16 matmuls, fp32 weights
+
+
+def attach_target(module: torch.nn.Module, target, seed: int) -> list[torch.nn.Parameter]:
+    """``[target]``'s adapter: plain LoRA by :func:`attach_lora` (its draws and bytes never move), DoRA / LoKr / LoHa by peft."""
+    if target.type == "lora":
+        return attach_lora(module, target.rank, target.alpha, target.modules, seed)
+    if target.type != "lokr":
+        check_rank(module, target.rank, target.modules)
+    return adapters.attach(module, target.type, target.rank, target.alpha, target_regex(target.modules), seed,
+                           lokr_factor=target.lokr_factor, lokr_full_rank=target.lokr_full_rank)
 
 
 def check_rank(module: torch.nn.Module, rank: int, modules: Iterable[str]) -> None:
@@ -58,7 +63,7 @@ def check_rank(module: torch.nn.Module, rank: int, modules: Iterable[str]) -> No
               if pattern.fullmatch(name) and hasattr(m, "in_features") and hasattr(m, "out_features")}
     narrowest = min(widths, key=widths.get, default=None)
     if narrowest is not None and rank > widths[narrowest]:
-        raise WantrainError(model.rank_problem(rank, narrowest, widths[narrowest]))
+        raise WantrainError(rank_problem(rank, narrowest, widths[narrowest]))
 
 
 def lora_layers(module: torch.nn.Module):
@@ -76,43 +81,31 @@ def lora_disabled(module: torch.nn.Module):
     accuracy-recovery adapter of 4-bit experts) stay on, and no
     ``requires_grad`` flag is touched.
     """
-    saved = []
-    for _, layer in lora_layers(module):
+    saved, dora = [], [(layer, layer._active_adapter) for layer in adapters.dora_layers(module)]
+    for _, layer in adapters.adapter_layers(module):
         if ADAPTER in layer.scaling:
             saved.append((layer, layer.scaling[ADAPTER]))
             layer.scaling[ADAPTER] = 0.0
+    for layer, active in dora:  # DoRA's magnitude rescales W even at scale 0: leave the adapter out
+        layer._active_adapter = [a for a in layer.active_adapters if a != ADAPTER]
     try:
         yield module
     finally:
         for layer, scale in saved:
             layer.scaling[ADAPTER] = scale
+        for layer, active in dora:
+            layer._active_adapter = active
 
 
 def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``{"blocks.{i}.{path}.lora_A.weight": tensor, ...}`` in diffusers naming, fp32."""
-    out = {}
-    for name, layer in lora_layers(module):
-        if ADAPTER not in layer.lora_A:
-            continue
-        out[f"{name}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
-        out[f"{name}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
-    return out
+    """``{"blocks.{i}.{path}.lora_A.weight": tensor, ...}`` in diffusers naming, fp32
+    (other types: :func:`wantrain.adapters.state`'s names)."""
+    return adapters.state(module)
 
 
 def load_lora_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy diffusers-named LoRA tensors into the attached adapter (shapes must match)."""
-    layers = dict(lora_layers(module))
-    for key, tensor in state.items():
-        name, _, part = key.rpartition(".lora_")
-        kind = "lora_" + part.split(".")[0]
-        layer = layers.get(name)
-        if layer is None or ADAPTER not in getattr(layer, kind):
-            raise KeyError(f"LoRA tensor {key} has no matching adapter in the model")
-        weight = getattr(layer, kind)[ADAPTER].weight
-        if weight.shape != tensor.shape:
-            raise ValueError(f"LoRA tensor {key} has shape {tuple(tensor.shape)}, the adapter {tuple(weight.shape)}")
-        with torch.no_grad():
-            weight.copy_(tensor.to(weight.dtype))
+    """Copy diffusers-named adapter tensors into the attached adapter (shapes must match)."""
+    adapters.load_state(module, dict(state))
 
 
 def _check_layers(module: torch.nn.Module, w: LoraWeights, where: str) -> None:
@@ -133,6 +126,8 @@ def attach_weights(module: torch.nn.Module, weights: LoraWeights, seed: int = 0)
     module at its own scale (its alpha / rank); modules the file lacks add 0."""
     where = weights.source or "LoRA"
     _check_layers(module, weights, where)
+    if weights.type != "lora":
+        return adapters.attach_file(module, weights, target_regex(sorted({block_kind(n) for n in weights.modules})), seed)
     if len(weights.ranks) != 1:
         raise WantrainError(ProfileProblem(where, "mixes LoRA ranks", weights.ranks, "use a file with one rank"))
     rank = weights.ranks[0]
@@ -147,8 +142,8 @@ def attach_weights(module: torch.nn.Module, weights: LoraWeights, seed: int = 0)
 
 def fit_to_target(w: LoraWeights, target, where: str = "target.init_from") -> dict[str, torch.Tensor]:
     """Check rank and modules against ``[target]``; fp32 tensors at ``target.alpha``."""
-    problems = []
-    if w.ranks != [target.rank]:
+    problems = adapters.target_problems(w, target, where)
+    if w.ranks != [target.rank] and not problems and not (target.type == "lokr" and target.lokr_full_rank):
         problems.append(ProfileProblem(where, f"has rank {', '.join(map(str, w.ranks))}, target.rank is {target.rank}",
                                        fix=f"set target.rank = {w.ranks[0]}" if len(w.ranks) == 1 else ""))
     extra = sorted({block_kind(n) for n in w.modules} - set(target.modules))
@@ -170,10 +165,10 @@ def load_init_from(run) -> None:
         return
     if isinstance(value, str):
         path = run.profile.resolve_path(value)
-        sources = read_lora_sources(path, run.trained, where="target.init_from")
+        sources = read_lora_sources(path, run.trained, where="target.init_from", arch=run.arch)
     else:  # {high_noise = "...", low_noise = "..."}
         path = "the init_from table"
-        sources = {e: read_expert_file(run.profile.resolve_path(v), e, f"target.init_from.{e}")
+        sources = {e: read_expert_file(run.profile.resolve_path(v), e, f"target.init_from.{e}", run.arch)
                    for e, v in value.items() if e in run.trained}
     for expert in run.trained:
         w = sources.get(expert)

@@ -2,8 +2,10 @@
 tiny random model used by tests and the CPU demo.
 
 Layout (Diffusers): ``transformer`` = high-noise expert, ``transformer_2`` =
-low-noise expert, ``vae`` (AutoencoderKLWan), ``text_encoder`` (UMT5),
-``tokenizer``, ``scheduler``, and ``boundary_ratio`` in ``model_index.json``.
+low-noise expert (A14B; the TI2V-5B has ``transformer`` only), ``vae``
+(AutoencoderKLWan), ``text_encoder`` (UMT5), ``tokenizer``, ``scheduler``,
+and ``boundary_ratio`` in ``model_index.json``. Which arch a folder holds is
+data (:mod:`wantrain.archs`), checked by :func:`check_arch`.
 
 diffusers, transformers and accelerate are imported inside the functions that
 use them: they take seconds to import, and ``wantrain check`` loads no model.
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import archs
 from .errors import ModelError, ProfileProblem
 
 log = logging.getLogger("wantrain.model")
@@ -34,6 +37,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 class ModelSource:
     """Where the components come from: a local folder, or a hub id at a revision."""
+
+    files: dict[str, Path] = {}  # subfolder -> original single file (formats.sources.SingleFileSource)
+    tokenizer: str | None = None
 
     def __init__(self, name_or_path: str):
         self.spec = name_or_path
@@ -70,38 +76,6 @@ def _problem(spec: str, what: str) -> ProfileProblem:
     return ProfileProblem("model.name_or_path", what, spec, "give a local Diffusers folder or a hub id (org/name[@revision])")
 
 
-def check_model_source(name_or_path: str) -> list[ProfileProblem]:
-    """Cheap check for ``wantrain check``: a local folder must look like Wan 2.2."""
-    src = ModelSource(name_or_path)
-    if not src.local:
-        return [] if re.fullmatch(r"[\w.-]+/[\w.-]+", src.repo) else [_problem(name_or_path, "is neither an existing folder nor a hub id")]
-    try:
-        index = src.model_index()
-    except ModelError as exc:
-        return exc.problems
-    missing = [k for k in ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer") if k not in index]
-    if missing:
-        return [_problem(name_or_path, f"is not a Wan 2.2 A14B model (missing {', '.join(missing)})")]
-    return []
-
-
-def check_rank(name_or_path: str, rank: int, modules) -> list[ProfileProblem]:
-    """``wantrain check``: ``rank`` no wider than the narrowest targeted layer, from a local
-    ``transformer/config.json`` (a hub model is checked at load: :func:`wantrain.lora.check_rank`)."""
-    try:
-        config = json.loads((Path(name_or_path).expanduser() / "transformer" / "config.json").read_text())
-        dim, ffn = int(config["num_attention_heads"]) * int(config["attention_head_dim"]), int(config["ffn_dim"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []  # not a local folder we can read: check_model_source says so
-    width, kind = min((min(dim, ffn) if m.startswith("ffn.") else dim, m) for m in modules)
-    return [rank_problem(rank, f"blocks.*.{kind}", width)] if rank > width else []
-
-
-def rank_problem(rank: int, layer: str, width: int) -> ProfileProblem:
-    return ProfileProblem("target.rank", f"is wider than the model allows: {layer} is {width} wide (a rank is at most the "
-                          "smaller of a layer's input and output sizes)", rank, f"use a rank <= {width}, or target fewer modules")
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -110,20 +84,31 @@ def load_model_index(name_or_path: str) -> tuple[ModelSource, dict]:
     return src, src.model_index()
 
 
-def boundary_ratio(index: dict) -> float:
+def boundary_ratio(index: dict, arch: archs.Arch | None = None) -> float:
+    """The routing boundary: ``model_index.json``'s, else the arch's (0 for one expert)."""
+    arch = arch or archs.get(archs.DEFAULT)
     ratio = index.get("boundary_ratio")
-    return 0.875 if ratio is None else float(ratio)
+    return arch.boundary if ratio is None or arch.single_expert else float(ratio)
 
 
-def load_expert(src: ModelSource, expert: str, dtype: torch.dtype) -> torch.nn.Module:
+def load_expert(src: ModelSource, expert: str, dtype: torch.dtype, subfolder: str | None = None) -> torch.nn.Module:
     """One expert, weights streamed into a meta-initialised module (no second copy)."""
     from diffusers import WanTransformer3DModel
 
+    subfolder = subfolder or EXPERT_SUBFOLDERS[expert]
+    if subfolder in src.files:
+        return _sources().load_expert(src, subfolder, dtype)
     module = WanTransformer3DModel.from_pretrained(
-        src.root, subfolder=EXPERT_SUBFOLDERS[expert], torch_dtype=dtype, low_cpu_mem_usage=True, **src.kwargs()
+        src.root, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=True, **src.kwargs()
     )
     module.requires_grad_(False).eval()
     return module
+
+
+def _sources():
+    from .formats import sources  # single files; imported here: it imports this module
+
+    return sources
 
 
 def build_empty(config: dict[str, Any]) -> torch.nn.Module:
@@ -140,6 +125,8 @@ def build_empty(config: dict[str, Any]) -> torch.nn.Module:
 def load_vae(src: ModelSource) -> torch.nn.Module:
     from diffusers import AutoencoderKLWan
 
+    if "vae" in src.files:
+        return _sources().load_vae(src)
     # The Wan VAE is kept in fp32: it is small and bf16 hurts reconstruction.
     vae = AutoencoderKLWan.from_pretrained(src.root, subfolder="vae", torch_dtype=torch.float32, **src.kwargs())
     return vae.requires_grad_(False).eval()
@@ -148,6 +135,8 @@ def load_vae(src: ModelSource) -> torch.nn.Module:
 def load_text_encoder(src: ModelSource, dtype: torch.dtype):
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    if src.files or src.tokenizer:
+        return _sources().load_text_encoder(src, dtype)
     kwargs = src.kwargs()
     tokenizer = AutoTokenizer.from_pretrained(src.root, subfolder="tokenizer", **kwargs)
     encoder = UMT5EncoderModel.from_pretrained(src.root, subfolder="text_encoder", dtype=dtype, **kwargs)

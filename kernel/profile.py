@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -29,13 +28,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .errors import ProfileError, ProfileProblem
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-import tomli_w
+from .formats.toml import apply_overrides, dump_toml, read_toml
 
 # --------------------------------------------------------------------------
 # validators whose messages survive into the error line
@@ -93,6 +86,16 @@ def in_range(lo: float | None = None, hi: float | None = None, *, lo_open=False,
 def positive(inst, attr, value):
     if value is not None and value <= 0:
         raise _Invalid("must be greater than 0", value, "use a positive number")
+
+
+@_named
+def optimizer_name(inst, attr, value):
+    from .optimizers import NAMES
+
+    if value not in NAMES and not (value.count(":") == 1 and all(value.split(":"))):
+        close, names = difflib.get_close_matches(value, NAMES, n=1), ", ".join(map(repr, NAMES))
+        raise _Invalid(f'must be one of {names} or "module:Class"', value, f"did you mean {close[0]!r}?" if close else
+                       f'use one of {names}, or "module:Class" such as "torch.optim:SGD"')
 
 
 @_named
@@ -174,17 +177,30 @@ class JobConfig:
 
 @attrs.frozen(kw_only=True)
 class ModelConfig:
-    arch: str = attrs.field(default="wan22_t2v_a14b", validator=one_of("wan22_t2v_a14b"))
+    arch: str = attrs.field(default="wan22_t2v_a14b", validator=one_of("wan22_t2v_a14b", "wan22_i2v_a14b", "wan22_ti2v_5b"))
     name_or_path: str = DEFAULT_MODEL
+    #: original-layout single files (ComfyUI's) instead of name_or_path's components; docs/memory.md
+    high_noise: str | None = attrs.field(default=None, validator=attrs.validators.optional(non_empty))
+    low_noise: str | None = attrs.field(default=None, validator=attrs.validators.optional(non_empty))
+    text_encoder: str | None = attrs.field(default=None, validator=attrs.validators.optional(non_empty))
+    vae: str | None = attrs.field(default=None, validator=attrs.validators.optional(non_empty))
+    tokenizer: str | None = attrs.field(default=None, validator=attrs.validators.optional(non_empty))
     dtype: str = attrs.field(default="bf16", validator=one_of("bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = True
+    attention: str = "auto"  # "sdpa", "flash", "flash3", ...: checked by wantrain.attention (docs/attention.md)
     max_sequence_length: int = attrs.field(default=512, validator=positive)
+    #: TI2V-5B: share of samples trained image-to-video (start frame); None = 0.5
+    i2v_probability: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0, 1)))
+    #: I2V-A14B: also condition on each sample's last frame (first/last-frame LoRAs)
+    last_frame: bool = False
 
 
 @attrs.frozen(kw_only=True)
 class TargetConfig:
-    type: str = attrs.field(default="lora", validator=one_of("lora"))
+    type: str = attrs.field(default="lora", validator=one_of("lora", "dora", "lokr", "loha"))  # docs/adapters.md
     rank: int = attrs.field(default=16, validator=positive)
+    lokr_factor: int = attrs.field(default=-1, validator=in_range(-1))  # LoKr: Kronecker factor; -1 = near sqrt
+    lokr_full_rank: bool = False  # LoKr: w2 a full matrix (LyCORIS full_matrix); alpha then unused
     alpha: float = attrs.field(default=16.0, validator=positive)
     modules: tuple[str, ...] = attrs.field(default=LORA_MODULES, validator=non_empty)
     save_dtype: str = attrs.field(default="bf16", validator=one_of("bf16", "fp16", "fp32"))
@@ -198,7 +214,8 @@ class TrainingConfig:
     batch_size: int = attrs.field(default=1, validator=positive)
     gradient_accumulation: int = attrs.field(default=1, validator=positive)
     steps: int = attrs.field(default=2000, validator=positive)
-    optimizer: str = attrs.field(default="adamw", validator=one_of("adamw", "adamw8bit", "adafactor"))
+    optimizer: str = attrs.field(default="adamw", validator=optimizer_name)  # a name or "module:Class": docs/optimizers.md
+    optimizer_args: dict[str, Any] = attrs.field(factory=dict, hash=False)  # keyword arguments of the optimizer
     lr: float = attrs.field(default=1e-4, validator=positive)
     lr_scheduler: str = attrs.field(default="constant", validator=one_of("constant", "linear", "cosine"))
     warmup_steps: int = attrs.field(default=0, validator=non_negative)
@@ -206,6 +223,7 @@ class TrainingConfig:
     max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)  # 0 = no clipping
     loss: str = attrs.field(default="mse", validator=one_of("mse", "huber"))
     num_workers: int = attrs.field(default=2, validator=non_negative)  # decoding processes; 0 = in the loop
+    compile: bool = False  # torch.compile each transformer block (one graph for all): wantrain.compilation
     #: a step whose loss or gradient norm is nan/inf: "stop" the run (exit 2) or "skip" its update
     on_nonfinite: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
     #: with "skip": more skipped steps than this in one `wantrain run` stops it
@@ -226,6 +244,8 @@ class DatasetConfig:
     flip_x: bool = False
     flip_y: bool = False
     is_regularization: bool = False
+    #: "validation": held out of training, measured by the validation plugin (docs/plugins/validation.md)
+    role: str = attrs.field(default="train", validator=one_of("train", "validation"))
     #: prior preservation: the loss of this dataset's batches is multiplied by it (regularization datasets only)
     prior_loss_weight: float = attrs.field(default=1.0, validator=non_negative)
     cache_latents: bool = False
@@ -244,6 +264,15 @@ class DatasetConfig:
 
 
 @attrs.frozen(kw_only=True)
+class DistributedConfig:
+    """``[distributed]``: read only when torchrun starts 2+ processes (docs/distributed.md)."""
+
+    strategy: str = attrs.field(default="ddp", validator=one_of("ddp", "fsdp"))  # fsdp: frozen base sharded per block
+    sequence_parallel: int = attrs.field(default=1, validator=positive)  # processes splitting one clip's tokens
+    timeout_minutes: float = attrs.field(default=30.0, validator=positive)  # a stuck collective ends the job
+
+
+@attrs.frozen(kw_only=True)
 class PluginsConfig:
     """``[plugins]``: which plugins run, in order, and each one's settings."""
 
@@ -259,6 +288,7 @@ class Profile:
     training: TrainingConfig = attrs.Factory(TrainingConfig)
     datasets: tuple[DatasetConfig, ...] = ()
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)
+    distributed: DistributedConfig = attrs.Factory(DistributedConfig)
     #: the resolved TOML document (after extends and --set), as a dict
     raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
     #: where it was read from (None when built in code)
@@ -298,8 +328,9 @@ KERNEL_SECTIONS = {
     "model": ModelConfig,
     "target": TargetConfig,
     "training": TrainingConfig,
+    "distributed": DistributedConfig,
 }
-TOP_LEVEL_KEYS = ("extends", "job", "model", "target", "training", "datasets", "plugins")
+TOP_LEVEL_KEYS = ("extends", "job", "model", "target", "training", "datasets", "plugins", "distributed")
 
 
 # --------------------------------------------------------------------------
@@ -454,112 +485,6 @@ def _placeholder(cls: type, name: str) -> Any:
 
 
 # --------------------------------------------------------------------------
-# reading TOML: extends, --set
-
-
-def read_toml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read ``path`` and merge the chain of ``extends`` bases below it."""
-    path = path.resolve()
-    if path in _seen:
-        chain = " -> ".join(p.name for p in (*_seen, path))
-        raise ProfileError(ProfileProblem("extends", "circular extends", chain, "remove one of the links"))
-    if not path.is_file():
-        where = "extends" if _seen else "profile"
-        raise ProfileError(ProfileProblem(where, "file not found", str(path), "check the path"))
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(ProfileProblem(path.name, f"not valid TOML: {exc}", fix="fix the syntax at that line")) from None
-    except UnicodeDecodeError:
-        raise ProfileError(ProfileProblem(path.name, "not UTF-8 text", fix="save the profile as UTF-8")) from None
-    base_name = data.pop("extends", None)
-    if base_name is None:
-        return data
-    if not isinstance(base_name, str):
-        raise ProfileError(ProfileProblem("extends", "expected a path string", base_name, 'write extends = "base.toml"'))
-    base = read_toml(path.parent / base_name, (*_seen, path))
-    return merge(base, data)
-
-
-def merge(base: dict, over: dict) -> dict:
-    """Deep-merge tables; arrays (``datasets`` included) replace, not append."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``--set training.steps=200``: values are TOML (strings need quotes,
-    but a bare word that is not TOML is taken as a string)."""
-    data = copy.deepcopy(data)
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(ProfileProblem("--set", "expected KEY=VALUE", item, "write --set training.steps=200"))
-            continue
-        try:
-            value = tomllib.loads(f"v = {text.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text.strip()
-        node = data
-        parts = _split_key(key)
-        for part in parts[:-1]:
-            if isinstance(node, list) and isinstance(part, int) and part < len(node):
-                node = node[part]
-                continue
-            if not isinstance(node, dict) or isinstance(part, int):  # an index into a table, a key into an array
-                problems.append(_bad_set_key(key))
-                break
-            node = node.setdefault(part, {})
-        else:
-            last = parts[-1]
-            if isinstance(node, list) and isinstance(last, int) and last < len(node):
-                node[last] = value
-            elif isinstance(node, dict) and not isinstance(last, int):
-                node[last] = value
-            else:
-                problems.append(_bad_set_key(key))
-    if problems:
-        raise ProfileError(problems)
-    return data
-
-
-def _bad_set_key(key: str) -> ProfileProblem:
-    return ProfileProblem(f"--set {key}", "does not name a value of the profile",
-                          fix="name table keys with dots (training.steps) and index only arrays, "
-                              "within their length (datasets[0].folder)")
-
-
-def _split_key(key: str) -> list:
-    parts: list = []
-    for piece in key.split("."):
-        if "[" in piece and piece.endswith("]"):
-            name, _, idx = piece[:-1].partition("[")
-            parts += [name, int(idx)] if idx.isdigit() else [piece]
-        else:
-            parts.append(piece)
-    return parts
-
-
-def dump_toml(data: Mapping[str, Any]) -> str:
-    return tomli_w.dumps(_drop_none(data))
-
-
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-# --------------------------------------------------------------------------
 # the whole profile
 
 
@@ -645,6 +570,20 @@ def _cross_checks(profile: Profile) -> list[ProfileProblem]:
         problems.append(
             ProfileProblem("training.warmup_steps", "must be smaller than training.steps", tcfg.warmup_steps, f"use fewer than {tcfg.steps}")
         )
+    arch, mcfg = profile.model.arch, profile.model
+    if mcfg.last_frame and arch != "wan22_i2v_a14b":
+        problems.append(ProfileProblem("model.last_frame", f"needs arch = \"wan22_i2v_a14b\" (the arch is {arch})", True,
+                                       'remove last_frame, or set [model] arch = "wan22_i2v_a14b"'))
+    if isinstance(profile.target.init_from, dict) and arch == "wan22_ti2v_5b":  # one expert: one file
+        problems.append(ProfileProblem("target.init_from", f"is a table of experts; {arch} has one expert", "{...}",
+                                       'write init_from = "file.safetensors"'))
+    if mcfg.i2v_probability is not None and arch != "wan22_ti2v_5b":
+        problems.append(ProfileProblem("model.i2v_probability", f"only mixes text/image-to-video for arch = \"wan22_ti2v_5b\" (the arch is {arch})",
+                                       mcfg.i2v_probability, "remove i2v_probability"))
+    from . import adapters
+    from .optimizers import problems as optimizer_problems  # the class and its arguments, before any weight loads
+
+    problems += optimizer_problems(tcfg) + adapters.profile_problems(profile.target)
     unknown = [m for m in profile.target.modules if m not in LORA_MODULES]
     for m in unknown:
         close = difflib.get_close_matches(m, LORA_MODULES, n=1)

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import attrs
 import torch
 
-from . import lora, registry
+from . import lora, optimizers, registry
 from .errors import ProfileProblem, WantrainError
 from .formats import safetensors as st
 from .formats import state as state_files
@@ -56,7 +56,7 @@ _STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})(?:_(?P<tag>[0-9a-f]{6}))
                         r"(?:_[a-z]+)?\.safetensors$")
 
 #: profile keys whose change makes a checkpoint unusable (prefix match)
-BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "model.arch",
+BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "target.lokr_factor", "target.lokr_full_rank", "model.arch",
             "model.name_or_path", "training.optimizer", "datasets")
 #: profile keys that do not matter to a resumed run
 IGNORED = ("job.output_dir", "job.device", "target.init_from")
@@ -322,7 +322,9 @@ def save_checkpoint(run, step: int, dtype: str | None = None) -> dict[str, str]:
     """The LoRA pair (``dtype``, default ``[target] save_dtype``) and the resume
     state of ``step``; fires ``on_save`` with ``paths["state"]``. A failed write
     (disk full) removes what this save wrote and raises WantrainError; earlier
-    checkpoints are untouched."""
+    checkpoints are untouched. Under torchrun rank 0 alone writes."""
+    if run.rank:  # the others hold the same state; they only learn where it goes
+        return {"state": str(checkpoint_dir(run.output_dir, step, run.lineage.tag))}
     paths: dict[str, str] = {}
     try:
         paths = dict(run.pm.hook.write_lora(run=run, step=step, folder=str(run.output_dir), dtype=dtype) or {})
@@ -372,7 +374,7 @@ def restore(run, ckpt: Checkpoint | None) -> None:
     for expert, weights in state_files.read_weights(ckpt.path, run.trained).items():
         lora.load_lora_state(run.experts[expert], weights)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(tree["optimizer"])
+    run.optimizer.load_state_dict(optimizers.regroup(tree["optimizer"], run.optimizer))  # (older: one group)
     run.lr_scheduler.load_state_dict(tree["scheduler"])
     _apply_profile_hyperparameters(run, fresh)
     run.data.load_state_dict(tree["data"])
@@ -398,8 +400,8 @@ def _apply_profile_hyperparameters(run, fresh: list[dict]) -> None:
     sched = run.lr_scheduler
     for i, (group, new) in enumerate(zip(run.optimizer.param_groups, fresh)):
         changed = new.get("initial_lr") != group.get("initial_lr")
-        for key, value in new.items():
-            if key != "lr":
+        for key, value in new.items():  # not the optimizer's running values (prodigy's d, schedule-free's k)
+            if key in ("weight_decay", "initial_lr") or key in run.profile.training.optimizer_args:
                 group[key] = value
         if changed and hasattr(sched, "lr_lambdas"):
             sched.base_lrs[i] = new["initial_lr"]

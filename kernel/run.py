@@ -23,8 +23,11 @@ import numpy as np
 import pluggy
 import torch
 
-from . import flow, hookimpl, lora, model, registry
+from . import archs, attention, compilation, distributed, flow, hookimpl, lora, model, optimizers, registry
+from .archs.checks import check_arch
+from .archs.condition import Condition, assemble, condition_video
 from .formats import lora as lora_format
+from .formats import sources
 from .formats import safetensors as st
 from .formats.state import Lineage
 from .errors import ProfileError, ProfileProblem
@@ -49,6 +52,8 @@ class StepContext:
     pred: torch.Tensor
     target: torch.Tensor
     loss: torch.Tensor
+    #: the start-frame condition (image-to-video archs; an empty Condition otherwise)
+    cond: Condition = attrs.Factory(Condition)
 
 
 @attrs.define(eq=False)
@@ -67,10 +72,12 @@ class Run:
     dtype: torch.dtype
     #: the training RNG (timesteps, noise); part of the resume state
     generator: torch.Generator
+    #: what the model is: experts, boundary, conditioning (``[model] arch``)
+    arch: archs.Arch = attrs.Factory(lambda: archs.get(archs.DEFAULT))
     #: t >= boundary * 1000 routes to the high-noise expert
     boundary: float = 0.875
     source: model.ModelSource | None = None
-    #: loaded experts by name ("high_noise", "low_noise")
+    #: loaded experts by name ("high_noise", "low_noise"; "full" for a one-expert arch)
     experts: dict[str, torch.nn.Module] = attrs.Factory(dict)
     #: the experts that get adapters and optimizer state, in order
     trained: list[str] = attrs.Factory(list)
@@ -102,8 +109,16 @@ class Run:
     def name(self) -> str:
         return self.profile.job.name
 
+    #: this process's rank under torchrun (0 alone; rank 0 alone writes files) and how many train together
+    rank = property(lambda self: distributed.rank())
+    world_size = property(lambda self: distributed.world_size())
+
     def expert_range(self, expert: str) -> tuple[float, float]:
         return flow.expert_range(expert, self.boundary)
+
+    def expert_for(self, t: float) -> str:
+        """The expert that denoises at ``t`` (one-expert archs: always it)."""
+        return self.arch.expert_for(t, self.boundary)
 
     def require_expert(self, expert: str) -> torch.nn.Module:
         """Load an expert that is not trained (e.g. for previews) on first use."""
@@ -111,9 +126,15 @@ class Run:
             load_expert_into(self, expert)
         return self.experts[expert]
 
-    def predict(self, expert: str, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
-        """The expert's velocity prediction (fp32) for noisy latents at ``timesteps``."""
+    def predict(self, expert: str, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor,
+                cond: Condition | None = None) -> torch.Tensor:
+        """The expert's velocity prediction (fp32) for noisy latents at
+        ``timesteps`` ``[B]``; ``cond``: the start-frame condition of an
+        image-to-video arch (joined channels, or the clean first frame with
+        per-token timesteps)."""
         module = self.experts[expert]
+        if cond is not None:
+            noisy, timesteps = cond.model_input(noisy), cond.timesteps(timesteps.to(noisy.device), module.config.patch_size)
         out = module(
             hidden_states=noisy.to(self.dtype),
             timestep=timesteps.to(self.device),
@@ -145,9 +166,20 @@ class Run:
     def encode_videos(self, batch) -> torch.Tensor:
         return self.pm.hook.encode_videos(run=self, batch=batch)
 
+    def encode_condition(self, batch, num_frames: int, use: torch.Tensor | None = None) -> Condition:
+        """The batch's start-frame condition on the device for clips of
+        ``num_frames`` pixel frames (an empty one for text-to-video archs);
+        ``use``: which samples get their start frame (TI2V)."""
+        if not self.arch.takes_start_frame:
+            return Condition()
+        latents = self.pm.hook.encode_condition(run=self, batch=batch).to(self.device, torch.float32)
+        return assemble(self.arch, latents, num_frames, self.profile.model.last_frame, use)
+
     def save_lora(self, step: int | None, folder: Path | None = None, dtype: str | None = None) -> dict[str, str]:
         """Write the LoRA pair (``step`` None = final names; ``dtype`` None =
-        ``[target] save_dtype``) and fire ``on_save``."""
+        ``[target] save_dtype``) and fire ``on_save`` -- on rank 0 alone under torchrun."""
+        if self.rank:
+            return {}
         paths = self.pm.hook.write_lora(run=self, step=step, folder=str(folder or self.output_dir), dtype=dtype)
         self.pm.hook.on_save(run=self, step=self.step if step is None else step, paths=paths)
         return paths
@@ -180,9 +212,11 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def load_expert_into(run: Run, expert: str) -> torch.nn.Module:
-    subfolder = model.EXPERT_SUBFOLDERS[expert]
+    subfolder = run.arch.subfolders[expert]
     module = run.pm.hook.load_expert(run=run, expert=expert, subfolder=subfolder)
-    module.to(run.device)
+    module.to(distributed.expert_device(run))  # fsdp: stays on the host until sharded, never whole on the GPU
+    attention.apply(module, run.profile.model.attention, run.device, run.dtype)  # [model] attention
+    compilation.compile_blocks(module, run.profile.training.compile)  # [training] compile: regional
     run.experts[expert] = module
     run.pm.hook.after_expert_load(run=run, expert=expert, module=module)
     return module
@@ -209,6 +243,7 @@ def open_run(profile: Profile, *, purpose: str = "train", extra_plugins: dict[st
     if problems:
         raise ProfileError(problems)
     device = model.resolve_device(profile.job.device) if purpose != "inspect" else torch.device("cpu")
+    attention.check(profile, device if purpose != "inspect" else None, training=purpose in ("train", "inspect"))
     output_dir = Path(profile.job.output_dir)
     if purpose == "train":
         try:
@@ -218,7 +253,8 @@ def open_run(profile: Profile, *, purpose: str = "train", extra_plugins: dict[st
                                               "give a folder you can write to")) from None
     torch.manual_seed(profile.job.seed)
     generator = torch.Generator("cpu").manual_seed(profile.job.seed)
-    return Run(profile=profile, pm=pm, output_dir=output_dir, device=device,
+    arch = archs.get(profile.model.arch)
+    return Run(profile=profile, pm=pm, output_dir=output_dir, device=device, arch=arch, boundary=arch.boundary,
                dtype=model.DTYPES[profile.model.dtype], generator=generator)
 
 
@@ -243,8 +279,10 @@ def load_frozen(run: Run) -> None:
     while still on the host, so a quantized encoder never reaches the device
     in full precision), then the VAE. Experts load on demand
     (:meth:`Run.require_expert`) or in :func:`wantrain.loop.load`."""
-    run.source, index = model.load_model_index(run.profile.model.name_or_path)
-    run.boundary = model.boundary_ratio(index)
+    run.source = sources.model_source(run.profile, run.arch)  # name_or_path, and any single files
+    index = run.source.model_index()
+    check_arch(run.source, index, run.arch)
+    run.boundary = model.boundary_ratio(index, run.arch)
     run.tokenizer, run.text_encoder = model.load_text_encoder(run.source, run.dtype)
     run.pm.hook.after_text_encoder_load(run=run, module=run.text_encoder)
     run.text_encoder.to(run.device)
@@ -257,11 +295,11 @@ class CoreHooks:
 
     @hookimpl(trylast=True)
     def trained_experts(self, profile):
-        return list(model.EXPERTS)
+        return list(archs.get(profile.model.arch).experts)
 
     @hookimpl(trylast=True)
-    def load_expert(self, run, expert):
-        return model.load_expert(run.source, expert, run.dtype)
+    def load_expert(self, run, expert, subfolder):
+        return model.load_expert(run.source, expert, run.dtype, subfolder)
 
     @hookimpl(trylast=True)
     def encode_prompts(self, run, prompts):
@@ -272,6 +310,11 @@ class CoreHooks:
     @hookimpl(trylast=True)
     def encode_videos(self, run, batch):
         return model.encode_pixels(run.vae, batch.pixels).to(run.device)
+
+    @hookimpl(trylast=True)
+    def encode_condition(self, run, batch):
+        video = condition_video(run.arch, batch.start, batch.last, batch.pixels.shape[2])
+        return model.encode_pixels(run.vae, video).to(run.device)
 
     @hookimpl(trylast=True)
     def select_expert(self, run, step):
@@ -295,7 +338,8 @@ def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None 
     (``dtype``: "bf16" | "fp16" | "fp32"; None = ``[target] save_dtype``)."""
     target = run.profile.target
     dtype = model.DTYPES[dtype or target.save_dtype]
-    states = {e: lora_format.to_comfy(lora.lora_state(run.experts[e]), target.alpha, dtype) for e in run.trained}
+    with optimizers.eval_weights(run.optimizer):  # schedule-free: its averaged weights are the ones to use
+        states = {e: lora_format.to_comfy(lora.lora_state(run.experts[e]), target.alpha, dtype) for e in run.trained}
     st.require_finite({f"{e}.{k}": v for e, s in states.items() for k, v in s.items()}, f"step {run.step}")
     paths = {}
     for expert, state in states.items():
@@ -307,6 +351,7 @@ def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None 
             rank=target.rank,
             alpha=target.alpha,
             expert=expert,
+            arch=run.arch.name,
         )
         path = folder / lora_format.lora_filename(run.name, expert, step, run.lineage.tag)
         paths[expert] = str(st.write_atomic(state, path, meta))

@@ -91,8 +91,8 @@ def preservation_loss(run, batch, ctx, config: Config) -> torch.Tensor:
     noisy, timesteps = ctx.noisy.index_select(0, index), ctx.timesteps.index_select(0, index)
     states = run.encode_prompts(captions)
     with torch.no_grad(), run.lora_disabled(ctx.expert):
-        prior = run.predict(ctx.expert, noisy, timesteps, states)
-    pred_class = run.predict(ctx.expert, noisy, timesteps, states)
+        prior = run.predict(ctx.expert, noisy, timesteps, states, ctx.cond.select(index))
+    pred_class = run.predict(ctx.expert, noisy, timesteps, states, ctx.cond.select(index))
     return config.multiplier * torch.nn.functional.mse_loss(pred_class, prior)
 
 

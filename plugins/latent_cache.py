@@ -39,6 +39,11 @@ Events:
 - ``encode_videos``: the batch's latents from disk (first result wins over the
   kernel's VAE encode); a batch from a dataset that is not cached gets None so
   the kernel encodes it.
+- ``encode_condition`` (image-to-video archs): the condition latents of each
+  sample (the VAE encoding of its start frame -- I2V-A14B: with the zeros and
+  optional last frame after it) are cached beside its latents, under a key
+  that adds the arch's conditioning, the last-frame mode and the override
+  images' content (``clip.png``).
 
 Config keys: ``folder`` (str, optional), ``dtype`` ("fp32" keeps the exact
 bits the VAE gave; "bf16" halves the disk space).
@@ -57,9 +62,10 @@ import attrs
 import torch
 from safetensors import safe_open
 
-from wantrain import hookimpl
+from wantrain import distributed, hookimpl
 from wantrain.data.media import MediaError
 from wantrain.errors import ProfileProblem, WantrainError
+from wantrain.formats import sources
 from wantrain.formats.safetensors import write_atomic
 from wantrain.profile import one_of
 from wantrain.run import Run
@@ -89,6 +95,9 @@ def vae_identity(run) -> str:
     for volatile in ("_name_or_path", "_diffusers_version", "_commit_hash"):
         config.pop(volatile, None)
     payload = {"model": model_identity(run.profile.model.name_or_path), "vae": type(vae).__name__, "config": config}
+    single = sources.source_identity(getattr(run, "source", None), "vae")
+    if single:  # [model] vae = a single file: keyed by that file, not name_or_path
+        payload["model"] = single
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -185,11 +194,13 @@ class FillStats:
 
 
 def fill(stores: dict[int, LatentStore], specs: Iterable, load: Callable, encode: Callable[[torch.Tensor], torch.Tensor],
-         file_hash: Callable[[str], str], progress: Callable[[int, int], None] = lambda done, total: None) -> FillStats:
+         file_hash: Callable[[str], str], progress: Callable[[int, int], None] = lambda done, total: None,
+         key: Callable = lambda spec: spec.cache_key()) -> FillStats:
     """Encode every spec whose latents are missing. ``load(spec)`` gives
     pixels ``[3, F, H, W]`` (MediaError for a bad file); ``encode`` maps
     pixels ``[1, 3, F, H, W]`` to latents ``[1, 16, F', h, w]``;
-    ``progress(done, total)`` is told after every spec."""
+    ``progress(done, total)`` is told after every spec; ``key(spec)`` is the
+    entry's data key (condition latents add their own suffix)."""
     stats = FillStats()
     bad: set[str] = set()
     specs = list(specs)
@@ -199,8 +210,8 @@ def fill(stores: dict[int, LatentStore], specs: Iterable, load: Callable, encode
             progress(done - 1, len(specs))
         if spec.path in bad:
             continue
-        store, key = stores[spec.dataset], spec.cache_key()
-        if store.get(key) is not None:
+        store, data_key = stores[spec.dataset], key(spec)
+        if store.get(data_key) is not None:
             stats.reused += 1
             continue
         try:
@@ -211,7 +222,7 @@ def fill(stores: dict[int, LatentStore], specs: Iterable, load: Callable, encode
             continue
         with torch.no_grad():
             latents = encode(pixels[None])[0]
-        store.put(key, latents, spec.path, file_hash(spec.path))
+        store.put(data_key, latents, spec.path, file_hash(spec.path))
         stats.encoded += 1
     if specs:
         progress(len(specs), len(specs))
@@ -261,9 +272,18 @@ class Plugin:
 
         self.stores = make_stores(self.config, run.profile, run.data, vae_identity(run))
         current = {item.path: wdata.file_hash(item.path) for ds in run.data.datasets if ds.index in self.stores for item in ds.items}
-        removed = sum(store.prune_stale(current) for store in {id(s): s for s in self.stores.values()}.values())
-        stats = fill(self.stores, run.data.iter_items(), run.data.load, lambda px: model.encode_pixels(run.vae, px), wdata.file_hash,
+        removed = sum(store.prune_stale(current) for store in {id(s): s for s in self.stores.values()}.values()) if not distributed.rank() else 0
+        distributed.barrier()  # torchrun: rank 0 pruned; then each rank encodes its share into the same folder
+        items = distributed.my_share(list(run.data.iter_items()))
+        stats = fill(self.stores, items, run.data.load, lambda px: model.encode_pixels(run.vae, px), wdata.file_hash,
                      lambda done, total: run.pm.hook.on_progress(run=run, task="caching latents", done=done, total=total))
+        if run.arch.takes_start_frame:
+            more = fill(self.stores, items, lambda spec: self.condition_pixels(run, spec),
+                        lambda px: model.encode_pixels(run.vae, px), wdata.file_hash,
+                        lambda done, total: run.pm.hook.on_progress(run=run, task="caching start frames", done=done, total=total),
+                        key=lambda spec: self.condition_key(run, spec))
+            stats.reused, stats.encoded, stats.failed = stats.reused + more.reused, stats.encoded + more.encoded, stats.failed + more.failed
+        stats.failed = distributed.merged(stats.failed)  # every rank excludes every bad file (and waits for the others)
         for dataset, path, reason in stats.failed:
             run.data.exclude(dataset, path, reason)
         run.data.skip_pixels(list(self.stores))
@@ -274,6 +294,35 @@ class Plugin:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.info("latent_cache: every dataset is cached; the VAE left %s", run.device)
+
+    @staticmethod
+    def condition_key(run: Run, spec) -> str:
+        return f"{spec.cache_key()}:condition:{run.arch.start_frame}:last={run.profile.model.last_frame}"
+
+    @staticmethod
+    def condition_pixels(run: Run, spec, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition video ``[3, F, H, W]`` of one sample (the kernel's layout)."""
+        from wantrain.archs.condition import condition_video
+
+        first, last = run.data.load_condition(spec, pixels)
+        return condition_video(run.arch, first[None], None if last is None else last[None], len(spec.indices))[0]
+
+    @hookimpl
+    def encode_condition(self, run: Run, batch):
+        if not self.stores or any(d not in self.stores for d in batch.dataset_index):
+            return None
+        from wantrain import data as wdata, model
+
+        out = []
+        for spec in batch.specs:
+            key = self.condition_key(run, spec)
+            latents = self.stores[spec.dataset].get(key)
+            if latents is None:  # deleted mid-run: encode it now
+                with torch.no_grad():
+                    latents = model.encode_pixels(run.vae, self.condition_pixels(run, spec)[None])[0].cpu()
+                self.stores[spec.dataset].put(key, latents, spec.path, wdata.file_hash(spec.path))
+            out.append(latents)
+        return torch.stack(out).to(run.device)
 
     @hookimpl
     def encode_videos(self, run: Run, batch):

@@ -32,7 +32,7 @@ import time
 
 import attrs
 
-from wantrain import hookimpl
+from wantrain import distributed, hookimpl
 from wantrain.profile import in_range, one_of, positive
 from wantrain.run import Run
 
@@ -124,6 +124,8 @@ class Plugin:
 
     @hookimpl
     def on_run_start(self, run: Run):
+        if distributed.rank():  # under torchrun rank 0 alone shows progress
+            return
         total = run.profile.training.steps
         self.tracker = Tracker(total=total, smoothing=self.config.smoothing)
         self.tracker.start(self.clock())
@@ -168,8 +170,8 @@ class Plugin:
     @hookimpl
     def on_progress(self, task, done, total):
         """A nested bar per task under the step bar (bar mode); a line when a
-        task starts and one when it ends (log mode)."""
-        if total <= 0:
+        task starts and one when it ends (log mode). Rank 0 alone under torchrun."""
+        if total <= 0 or distributed.rank():
             return
         if self.use_bar():
             from tqdm import tqdm

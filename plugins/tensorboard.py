@@ -36,7 +36,7 @@ import attrs
 import numpy as np
 import torch
 
-from wantrain import hookimpl
+from wantrain import distributed, hookimpl
 from wantrain.data.media import probe_video, read_frames
 from wantrain.profile import positive
 from wantrain.run import Run
@@ -106,6 +106,9 @@ class Plugin:
     @hookimpl(tryfirst=True)  # open before `sample` renders its at_start previews in its on_run_start
     def on_run_start(self, run):
         from torch.utils.tensorboard import SummaryWriter
+
+        if distributed.rank():  # under torchrun rank 0 alone writes events
+            return
 
         logdir = run.output_dir / "tensorboard"
         # resumed at step N: events of steps > N (written after the checkpoint,

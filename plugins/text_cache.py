@@ -50,8 +50,9 @@ import attrs
 import torch
 from safetensors import safe_open
 
-from wantrain import hookimpl, model
+from wantrain import distributed, hookimpl, model
 from wantrain.errors import WantrainError
+from wantrain.formats import sources
 from wantrain.formats.safetensors import write_atomic
 from wantrain.run import Run
 
@@ -88,6 +89,9 @@ def encoder_identity(run) -> str:
         "config": config,
         "modules": sorted({type(m).__qualname__ for m in encoder.modules()}),
     }
+    single = sources.source_identity(getattr(run, "source", None), "text_encoder")
+    if single:  # [model] text_encoder = a single file: keyed by that file, not name_or_path
+        payload["model"] = single
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -231,7 +235,9 @@ class Plugin:
     @hookimpl(trylast=True)  # after every other plugin's on_run_start (e.g. `sample` encoding its prompts)
     def on_run_start(self, run):
         prompts, self.aliases = plan_prompts(run, self.config.unload)
-        self._encode_missing(run, prompts)
+        self._encode_missing(run, distributed.my_share(prompts))  # torchrun: each rank encodes its share,
+        distributed.barrier()
+        self._encode_missing(run, prompts)  # then reads the others' from the folder (alone: nothing left to do)
         store = self._open(run)
         log.info("text_cache: %d prompts ready (%d encoded now, the rest from %s)", len(store.memory), store.encoded, store.folder)
         if self.config.unload:

@@ -5,8 +5,8 @@ profile key they show -- in TOML blocks, ``--set`` overrides and inline
 ``Config``.
 
 Pages kept honest here: README.md, docs/quickstart.md, docs/plugins.md,
-docs/troubleshooting.md, docs/import.md (commands); docs/quickstart.md,
-docs/plugins.md, docs/troubleshooting.md (profile keys).
+docs/troubleshooting.md, docs/import.md, docs/models.md (commands); docs/quickstart.md,
+docs/plugins.md, docs/troubleshooting.md, docs/models.md (profile keys).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_PAGES = ["README.md", "docs/quickstart.md", "docs/plugins.md", "docs/troubleshooting.md", "docs/import.md"]
-KEY_PAGES = ["docs/quickstart.md", "docs/plugins.md", "docs/troubleshooting.md"]
+COMMAND_PAGES = ["README.md", "docs/quickstart.md", "docs/plugins.md", "docs/troubleshooting.md", "docs/import.md",
+                 "docs/models.md"]
+KEY_PAGES = ["docs/quickstart.md", "docs/plugins.md", "docs/troubleshooting.md", "docs/models.md"]
 SECTIONS = {"job": P.JobConfig, "model": P.ModelConfig, "target": P.TargetConfig, "training": P.TrainingConfig,
             "datasets": P.DatasetConfig}
 BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)

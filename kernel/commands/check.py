@@ -5,7 +5,9 @@ dataset folders -- all problems at once."""
 
 from __future__ import annotations
 
-from .. import model
+from .. import archs
+from ..archs import checks
+from ..formats import sources
 from ..data import build_train_data
 from ..errors import ProfileError, ProfileProblem, WantrainError
 from ..profile import Profile
@@ -20,8 +22,9 @@ def check(profile: Profile) -> list[ProfileProblem]:
         open_run(profile, purpose="inspect")
     except ProfileError as exc:
         problems += exc.problems
-    problems += model.check_model_source(profile.model.name_or_path)
-    problems += model.check_rank(profile.model.name_or_path, profile.target.rank, profile.target.modules)
+    problems += checks.check_model_source(profile.model.name_or_path, profile.model.arch)
+    problems += checks.check_rank(profile.model.name_or_path, profile.target.rank, profile.target.modules)
+    problems += sources.single_file_problems(profile, archs.get(profile.model.arch))
     try:
         build_train_data(profile, seed=profile.job.seed).close()
     except WantrainError as exc:

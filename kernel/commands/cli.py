@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): continue from the newest complete checkpoint in the output folder; "
                         "never: start at step 0 (refused when the folder holds checkpoints); "
                         "PATH: continue from that checkpoints/step_N folder")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (one per GPU): starts torchrun; see docs/distributed.md")
     p = sub.add_parser("check", help="validate a profile, resolve plugins, check paths (loads no weights)")
     profile_args(p)
     p = sub.add_parser("plugins", help="list plugins and the events each implements")
@@ -45,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="write a tiny random Wan-2.2-shaped model (Diffusers layout)")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="wan22_t2v_a14b", choices=("wan22_t2v_a14b", "wan22_i2v_a14b", "wan22_ti2v_5b"),
+                   help="which Wan 2.2 model to imitate (default: text-to-video A14B)")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    p.add_argument("--original", choices=("fp32", "bf16", "fp16", "fp8", "fp8_scaled"), metavar="STORAGE",
+                   help="also write each component as an original-layout single file (ComfyUI's) in DIR/original: "
+                        "fp32, bf16, fp16, fp8 or fp8_scaled")
     p = sub.add_parser("make-demo-data", help="write a few short H.264 clips and PNGs with captions")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
@@ -53,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="predict peak GPU memory and host RAM of a profile (model config only, no weights)")
     profile_args(p)
     p.add_argument("--vram-gb", type=float, metavar="N", help="the card's memory in GiB: says whether it fits and what to change")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes of a torchrun job: with [distributed] strategy = \"fsdp\" the weights are split N ways")
     p = sub.add_parser("dataset", help="inspect the datasets of a profile: items, buckets, frames, warnings")
     profile_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable report")
@@ -79,6 +88,10 @@ def setup_logging(verbose: bool) -> None:
     for noisy in ("diffusers", "transformers", "peft", "urllib3", "huggingface_hub", "PIL", "libav", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())  # an optional CPU kernel, meaningless to users
+    # torchao (the uint4 grid's math) announces optional compiled kernels it cannot load, and diffusers
+    # torchao checkpoint classes it does not need: neither concerns training
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|peft|torch)")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -97,8 +110,14 @@ def cmd_run(args) -> int:
     from ..profile import load_profile
     from ..resume import checkpoint_dir
 
+    from ..distributed import launch, launched_world_size
+
     profile = load_profile(args.profile, args.overrides)
-    run = train(profile, resume=args.resume)
+    if args.nproc > 1 and launched_world_size() == 1:  # errors in the profile are found before torchrun starts
+        launch.exec_torchrun(args.nproc, [*(["-v"] if args.verbose else []), "run", args.profile,
+                                          *[a for o in args.overrides for a in ("--set", o)], "--resume", args.resume])
+    with launch.session(profile):
+        run = train(profile, resume=args.resume)
     if run.step < profile.training.steps:  # stopped gracefully (SIGINT / SIGTERM)
         again = ["wantrain", "run", args.profile, *[a for o in args.overrides for a in ("--set", o)]]
         if args.resume != "auto":  # never / PATH again would refuse or fork anew: name the stop checkpoint
@@ -180,8 +199,13 @@ def cmd_make_tiny_model(args) -> int:
     from .tiny import make_tiny_model
 
     refuse_non_empty(args.dir, args.force)
-    path = make_tiny_model(args.dir, seed=args.seed)
-    print(f"wrote tiny Wan 2.2 model to {path}")
+    path = make_tiny_model(args.dir, seed=args.seed, arch=args.arch)
+    print(f"wrote tiny Wan 2.2 model ({args.arch}) to {path}")
+    if args.original:
+        from ..formats.wan_original import OriginalFile, write_tiny_original
+
+        for name, file in write_tiny_original(path, path / "original", args.original).items():
+            print(f"wrote {name} as an original single file ({OriginalFile(file).storage}): {file}")
     return 0
 
 
@@ -214,7 +238,7 @@ def cmd_estimate(args) -> int:
     from .estimate import report
 
     profile = load_profile(args.profile, args.overrides)
-    print(report(profile, open_run(profile, purpose="inspect").pm, args.vram_gb))
+    print(report(profile, open_run(profile, purpose="inspect").pm, args.vram_gb, args.nproc))
     return 0
 
 

@@ -16,6 +16,11 @@ The model and every assumption are written up in ``docs/memory.md``. In short:
   docs), with and without gradient checkpointing;
 - phases: start (text encoder loads on the host in the model dtype, is quantized there, then moves),
   caching (text encoder and VAE working), training; the peak is the largest.
+
+Every ``[model] arch`` has its shipped configs (a hub id needs no download):
+the arch decides the experts (two, or the TI2V-5B's one), the VAE's
+compression (tokens per frame) and its size, and whether timesteps are per
+token (the TI2V-5B's ``expand_timesteps``: per-token modulation tensors).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
-from .. import model
+from .. import archs, model
 from ..errors import ProfileProblem, WantrainError
 
 GiB = 2**30
@@ -43,10 +48,21 @@ A14B_TRANSFORMER = {
     "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
     "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
 }
+#: Wan 2.2 I2V A14B: the same, with 36 input channels (16 noisy + 4 mask + 16 condition)
+I2V_A14B_TRANSFORMER = {**A14B_TRANSFORMER, "in_channels": 36}
+#: Wan 2.2 TI2V-5B: one transformer, 24 heads x 128 = 3072, 30 blocks, 48 channels (the Wan 2.2 VAE's)
+TI2V_5B_TRANSFORMER = {**A14B_TRANSFORMER, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30,
+                       "in_channels": 48, "out_channels": 48}
+#: ``transformer/config.json`` of each arch's Diffusers model (scripts/convert_wan_to_diffusers.py)
+TRANSFORMERS = {"wan22_t2v_a14b": A14B_TRANSFORMER, "wan22_i2v_a14b": I2V_A14B_TRANSFORMER,
+                "wan22_ti2v_5b": TI2V_5B_TRANSFORMER}
 #: UMT5-XXL encoder (``text_encoder/config.json`` of the same model)
 UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240,
             "num_layers": 24, "relative_attention_num_buckets": 32}
 WAN_VAE_PARAMS = 126_892_531  # AutoencoderKLWan (Wan 2.1 VAE), kept in fp32
+#: the Wan 2.2 VAE of the TI2V-5B (z_dim 48, base_dim 160, decoder_base_dim 256, residual): 2.6 GiB in fp32
+WAN22_VAE_PARAMS = 704_688_668
+VAE_PARAMS = {"wan22_t2v_a14b": WAN_VAE_PARAMS, "wan22_i2v_a14b": WAN_VAE_PARAMS, "wan22_ti2v_5b": WAN22_VAE_PARAMS}
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0}
@@ -62,6 +78,13 @@ class Settings:
     plugins change the rest through the ``estimate_memory`` event."""
 
     dtype: str = "bf16"
+    #: ``[model] arch`` (the report's model line; the fields below follow from it)
+    arch: str = archs.DEFAULT
+    #: VAE compression: pixels per latent, frames per latent (TI2V-5B: 16, 4)
+    vae_spatial: int = 8
+    vae_temporal: int = 4
+    #: timesteps per token (TI2V-5B's expand_timesteps): each block makes fp32 modulation tensors per token
+    per_token_timesteps: bool = False
     #: bytes per weight of the quantized transformer linears (None: not quantized)
     weight_bytes: float | None = None
     #: how the transformer weights are stored, for the report ("qint4+ara"; None: the model dtype)
@@ -97,6 +120,8 @@ class Settings:
     experts_trained: int = 2
     #: the experts that are not trained are loaded too (previews need every expert)
     loads_untrained_experts: bool = False
+    #: ``[distributed] strategy = "fsdp"``: each expert's frozen weights split over this many processes
+    shards: int = 1
     #: forward graphs kept for one backward besides the main one (a second
     #: forward with gradients on other inputs, e.g. a preservation prompt)
     extra_forward_graphs: int = 0
@@ -137,8 +162,12 @@ def kernel_settings(profile) -> Settings:
 
     res = max((max(d.resolutions) for d in profile.datasets), default=512)
     frames = max((d.num_frames for d in profile.datasets), default=33)
+    arch = archs.get(profile.model.arch)
     return Settings(
         dtype=profile.model.dtype,
+        arch=arch.name, vae_spatial=arch.vae_spatial, vae_temporal=arch.vae_temporal,
+        per_token_timesteps=arch.start_frame == "tokens",
+        experts=len(arch.experts), experts_trained=len(arch.experts),
         rank=profile.target.rank,
         modules=tuple(profile.target.modules or LORA_MODULES),
         optimizer=profile.training.optimizer,
@@ -216,22 +245,29 @@ def umt5_params(cfg: Mapping[str, Any]) -> tuple[int, int]:
 
 def block_activation_bytes(s: Settings, dim: int, ffn: int) -> tuple[float, float]:
     """(bytes per video token, bytes per text token) autograd keeps for one
-    ``WanTransformerBlock`` (see docs/memory.md for the op-by-op count)."""
+    ``WanTransformerBlock``: the distinct storages it saves, as measured by
+    ``benchmarks/activation_memory.py`` (docs/memory.md has the op-by-op count).
+    The LoRA computes in the model dtype (:mod:`wantrain.adapters.compute`): no
+    fp32 copies of its inputs."""
     a = DTYPE_BYTES[s.dtype]
-    c = 4 if a != 4 else 0  # fp32 LoRA casts its input to fp32: a copy per targeted layer
-    t = set(s.modules)
-    cast = lambda m, width: c * width if m in t else 0  # noqa: E731
-    self_attn = 4 * dim + a * dim + sum(cast(f"attn1.to_{x}", dim) for x in "qkv") + 2 * (a + 4) * dim \
-        + 4 * a * dim + a * dim + cast("attn1.to_out.0", dim)
-    cross = 4 * dim + a * dim + cast("attn2.to_q", dim) + (a + 4) * dim + 2 * a * dim + a * dim + cast("attn2.to_out.0", dim)
-    ffn_part = 4 * dim + a * dim + cast("ffn.net.0.proj", dim) + 2 * a * ffn + cast("ffn.net.2", ffn)
-    text = a * dim + cast("attn2.to_k", dim) + cast("attn2.to_v", dim) + (a + 4) * dim + 2 * a * dim
-    return self_attn + cross + ffn_part, text
+    # fp32 per token: log-sum-exp per head (head_dim 128), rope cos and sin (head_dim wide), norm statistics
+    lse, rope, stats = 4 * dim // 128, 2 * 128 * 4, 3 * 2 * 4 + 3 * 4  # three LayerNorms' mean/rstd, RMSNorms' rstd
+    on_text = {"attn2.to_k", "attn2.to_v"} & set(s.modules)  # each target keeps its rank-wide lora_A output
+    lora, lora_text = a * s.rank * (len(set(s.modules)) - len(on_text)), a * s.rank * len(on_text)
+    # norm1 fp32 input, its modulated output (q/k/v input), fp32 q and k RMSNorm inputs, sdpa's q k v out (to_out's input)
+    self_attn = 4 * dim + a * dim + 2 * 4 * dim + 4 * a * dim + lse + rope
+    cross = 4 * dim + a * dim + 4 * dim + 2 * a * dim + lse  # norm2, to_q input, fp32 norm_q input, sdpa q and out
+    ffn_part = 4 * dim + a * dim + 2 * a * ffn  # norm3, proj input, gelu input, ffn.net.2 input
+    text = a * dim + 4 * dim + 2 * a * dim  # to_k/to_v input, fp32 norm_k input (+ rstd), sdpa k and v
+    # per-token timesteps: the fp32 sum of scale_shift_table and the token's 6 x dim
+    # modulation (kept whole by the gate views), and the two fp32 (1 + scale) tensors
+    modulation = (6 + 2) * 4 * dim if s.per_token_timesteps else 0
+    return self_attn + cross + ffn_part + modulation + lora + stats, text + lora_text + 4
 
 
 def video_tokens(s: Settings, patch: int) -> int:
-    latent_frames = (s.frames - 1) // 4 + 1
-    return s.batch_size * latent_frames * (s.height // 8) * (s.width // 8) // patch
+    latent_frames = (s.frames - 1) // s.vae_temporal + 1
+    return s.batch_size * latent_frames * (s.height // s.vae_spatial) * (s.width // s.vae_spatial) // patch
 
 
 def activation_bytes(s: Settings, c: Counts) -> float:
@@ -240,6 +276,8 @@ def activation_bytes(s: Settings, c: Counts) -> float:
     text = s.batch_size * s.text_tokens
     per_token, per_text = block_activation_bytes(s, c.dim, c.ffn)
     outside = tokens * 8 * c.dim
+    if s.per_token_timesteps:  # every block's input: the 6 x dim projection and temb per token, the output norm's
+        outside += tokens * ((6 + 1) * a + 12) * c.dim
     workspace = tokens * (16 * c.dim + 4 * c.ffn)  # gradients of the op being differentiated
     graphs = 1 + s.extra_forward_graphs  # each graph keeps its own saved tensors until the one backward
     if s.checkpointing:
@@ -301,13 +339,14 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
     streamed = round(s.streamed_layers * c.blocks) / c.blocks if c.blocks else 0.0
     stream_keep = (1 - streamed * c.block_fraction) if streamed else 1.0
     stream_buffer = (2 / c.blocks) * c.block_fraction * (expert + ara) if streamed else 0.0
-    w_gpu = on_gpu_experts * (expert + ara) * stream_keep + stream_buffer
+    gathered = 2 * c.block_fraction * (expert + ara) / c.blocks if s.shards > 1 else 0.0  # fsdp: a block + the next, whole
+    w_gpu = on_gpu_experts * (expert + ara) * stream_keep / s.shards + stream_buffer + gathered
     lora_gpu = min(on_gpu_experts, s.experts_trained) * (lora + opt) + lora  # + gradients of the active expert
     te_train = 0.0 if s.text_states_cached else te_q
     vae_train = 0.0 if s.latents_cached else vae
     ctx = CUDA_OVERHEAD_GIB * GiB
     start = te_q + vae + ctx  # the encoder is quantized on the host, then moved
-    cache_experts = 0.0 if s.idle_expert_on_host else loaded * (expert + ara) * stream_keep
+    cache_experts = 0.0 if s.idle_expert_on_host else loaded * (expert + ara) * stream_keep / s.shards
     caching = (te_q + vae + vae_work + cache_experts + ctx) if (s.text_states_cached or s.latents_cached) else 0.0
     train_step = w_gpu + lora_gpu + te_train + vae_train + ctx + max(acts, 0.0 if s.latents_cached else vae_work)
     phases = {"start": start, "caching": caching, "training": train_step}
@@ -326,7 +365,8 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
     G = lambda x: x / GiB  # noqa: E731
     tokens = video_tokens(s, c.patch)
     rows = [
-        (f"transformer weights x{on_gpu_experts} ({s.weights_label})", G(on_gpu_experts * expert * stream_keep),
+        (f"transformer weights x{on_gpu_experts} ({s.weights_label}{f', 1/{s.shards} per process' if s.shards > 1 else ''})",
+         G(on_gpu_experts * expert * stream_keep / s.shards),
          G(loaded * expert if s.idle_expert_on_host else host_experts), f"{G(expert):.2f} GiB per expert"),
         ("ARA (rank %d)" % s.ara_rank if ara else "ARA", G(on_gpu_experts * ara * stream_keep), 0.0, "" if ara else "none"),
         ("streamed-block buffers", G(stream_buffer), 0.0, f"{round(streamed * c.blocks)} of {c.blocks} blocks streamed" if streamed else "layers = 0"),
@@ -341,6 +381,8 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
         ("start: text encoder (quantized on the host) + VAE", G(start), G(host_base + te_full), "transient"),
         ("host: process + expert loading", 0.0, G(host_loading), "quantized so far + one layer" if s.weight_bytes is not None else "bf16 expert"),
     ]
+    if gathered:
+        rows.insert(3, ("fsdp: blocks gathered whole", G(gathered), 0.0, f"sharded over {s.shards} processes"))
     if caching:
         rows.insert(-2, ("caching phase (text encoder + VAE working)", G(caching), 0.0, "before the first step"))
     est = Estimate(rows=rows, gpu_peak=G(phases[phase]), host_peak=G(host_peak), phase=phase, tokens=tokens, vram=vram_gb)
@@ -373,17 +415,18 @@ def kernel_remedies(s: Settings) -> list[Remedy]:
 # ---------------------------------------------------------------- from a profile
 
 
-def configs_for(name_or_path: str) -> tuple[dict, dict, int, str]:
+def configs_for(name_or_path: str, arch: str = archs.DEFAULT) -> tuple[dict, dict, int, str]:
     """(transformer config, text encoder config, VAE params, where from). A
-    local Diffusers folder is read; anything else is taken to be Wan 2.2 T2V
-    A14B, whose configs ship here (no download, no weights)."""
+    local Diffusers folder is read; anything else is taken to be the Wan 2.2
+    model of ``arch`` (``[model] arch``), whose configs ship here (no
+    download, no weights)."""
     path = Path(name_or_path).expanduser()
     if not (path / "transformer" / "config.json").is_file():
         if path.exists() or _looks_local(name_or_path):  # never estimate another model than the one named
             what = "has no transformer/config.json" if path.exists() else "no such folder"
             raise WantrainError(ProfileProblem("model.name_or_path", what, name_or_path,
-                                               "give a Diffusers model folder, or a hub id (org/name) for the built-in A14B config"))
-        return dict(A14B_TRANSFORMER), dict(UMT5_XXL), WAN_VAE_PARAMS, "built-in Wan 2.2 T2V A14B config"
+                                               "give a Diffusers model folder, or a hub id (org/name) for the built-in config"))
+        return dict(TRANSFORMERS[arch]), dict(UMT5_XXL), VAE_PARAMS[arch], f"built-in {archs.get(arch).title} config"
     tcfg = json.loads((path / "transformer" / "config.json").read_text())
     text = json.loads((path / "text_encoder" / "config.json").read_text())
     text = {k: text.get(k, UMT5_XXL[k]) for k in UMT5_XXL}
@@ -406,7 +449,7 @@ def _count_vae(config_path: Path) -> int:
     return sum(p.numel() for p in vae.parameters())
 
 
-def estimate_profile(profile, pm, vram_gb: float | None = None) -> tuple[Estimate, Settings, list[str], str]:
+def estimate_profile(profile, pm, vram_gb: float | None = None, nproc: int = 1) -> tuple[Estimate, Settings, list[str], str]:
     """(estimate, settings, one note per plugin that changed them, model origin).
 
     ``pm`` is the run's plugin manager: each enabled plugin states what it
@@ -415,6 +458,8 @@ def estimate_profile(profile, pm, vram_gb: float | None = None) -> tuple[Estimat
     from .. import registry
 
     base = kernel_settings(profile)
+    if nproc > 1 and profile.distributed.strategy == "fsdp":
+        base = attrs.evolve(base, shards=nproc)
     changes: dict[str, Any] = {}
     notes = []
     for name, found in registry.call_each(pm, "estimate_memory", profile=profile, memory=base).items():
@@ -427,12 +472,13 @@ def estimate_profile(profile, pm, vram_gb: float | None = None) -> tuple[Estimat
     remedies = kernel_remedies(s)
     for found in registry.catalogue(profile).hook.memory_remedies(profile=profile, memory=s):
         remedies += list(found or [])
-    tcfg, text, vae_params, origin = configs_for(profile.model.name_or_path)
+    tcfg, text, vae_params, origin = configs_for(profile.model.name_or_path, profile.model.arch)
     return estimate(s, tcfg, text, vae_params, vram_gb, remedies=remedies), s, notes, origin
 
 
-def report(profile, pm, vram_gb: float | None = None) -> str:
-    est, s, notes, origin = estimate_profile(profile, pm, vram_gb)
+def report(profile, pm, vram_gb: float | None = None, nproc: int = 1) -> str:
+    """The estimate as printed; ``nproc``: processes of a torchrun job (per-process figures)."""
+    est, s, notes, origin = estimate_profile(profile, pm, vram_gb, nproc)
     head = (f"model: {origin}\nrun: {s.frames} frames at {s.width}x{s.height}, batch {s.batch_size} -> {est.tokens} video tokens; "
             f"weights {s.weights_label}, text encoder {s.text_encoder_label}, checkpointing={str(s.checkpointing).lower()}")
     lines = [head, *notes, "", est.table(), ""]

@@ -1,9 +1,14 @@
 """``wantrain make-tiny-model``: a tiny random Wan-2.2-shaped model written in
-exactly the Diffusers layout of the real A14B model, so tests and the CPU demo
-go through the same loading code.
+exactly the Diffusers layout of the real model of each arch (``--arch``), so
+tests and the CPU demos go through the same loading code.
 
 Sizes: 4 heads x 32 dims, ffn 256, 4 layers, text dim 32 --
 large enough that a rank-32 LoRA visibly learns a clip on a CPU.
+Per arch, as the real ones: T2V-A14B two experts, 16 channels in; I2V-A14B
+two experts, 36 channels in (16 noisy + 4 mask + 16 condition), boundary
+0.9; TI2V-5B one transformer, 48 channels, the Wan 2.2 VAE (48 latent
+channels, 16x spatial: a 2x2 pixel patch and three 2x downsamplings, residual
+blocks), ``expand_timesteps``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from .. import archs
 
 TINY_TRANSFORMER = dict(
     patch_size=(1, 2, 2),
@@ -29,6 +36,10 @@ TINY_TRANSFORMER = dict(
     rope_max_seq_len=1024,
 )
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+#: the Wan 2.2 VAE of the TI2V-5B, tiny
+TINY_VAE22 = dict(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                  temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                  patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
 TINY_TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32)
 VOCAB_SIZE = 512
 
@@ -67,27 +78,30 @@ def build_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def make_tiny_model(folder: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model to ``folder`` (created). Same seed -> same weights."""
+def make_tiny_model(folder: str | Path, seed: int = 0, arch: str = archs.DEFAULT) -> Path:
+    """Write the tiny model of ``arch`` to ``folder`` (created). Same seed -> same weights."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
+    spec = archs.get(arch)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for sub in ("transformer", "transformer_2"):
-            expert = WanTransformer3DModel(**TINY_TRANSFORMER)
+        for expert_name in spec.experts:
+            channels = dict(in_channels=spec.in_channels, out_channels=spec.latent_channels)
+            expert = WanTransformer3DModel(**{**TINY_TRANSFORMER, **channels})
             _perturb_zero_init(expert)
-            expert.save_pretrained(folder / sub, safe_serialization=True)
-        AutoencoderKLWan(**TINY_VAE).save_pretrained(folder / "vae", safe_serialization=True)
+            expert.save_pretrained(folder / spec.subfolders[expert_name], safe_serialization=True)
+        vae = TINY_VAE22 if spec.latent_channels == 48 else TINY_VAE
+        AutoencoderKLWan(**vae).save_pretrained(folder / "vae", safe_serialization=True)
         build_tokenizer(folder / "tokenizer")
         config = UMT5Config(vocab_size=VOCAB_SIZE, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **TINY_TEXT)
         UMT5EncoderModel(config).save_pretrained(folder / "text_encoder", safe_serialization=True)
     UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
     ).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(_model_index(spec), indent=2) + "\n")
     return folder
 
 
@@ -100,7 +114,18 @@ def _perturb_zero_init(module: torch.nn.Module) -> None:
             param.data.normal_(0.0, 0.1)
 
 
-def _model_index() -> dict:
+def _model_index(spec: archs.Arch | None = None) -> dict:
+    """``model_index.json`` as the hub's Wan 2.2 models have it."""
+    spec = spec or archs.get(archs.DEFAULT)
+    if spec.name == "wan22_i2v_a14b":
+        return {**_t2v_index(), "_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.9,
+                "image_encoder": [None, None], "image_processor": [None, None]}
+    if spec.single_expert:
+        return {**_t2v_index(), "boundary_ratio": None, "expand_timesteps": True, "transformer_2": [None, None]}
+    return _t2v_index()
+
+
+def _t2v_index() -> dict:
     return {
         "_class_name": "WanPipeline",
         "_diffusers_version": "0.35.0",

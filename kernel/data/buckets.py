@@ -28,6 +28,10 @@ class Item:
     num_frames: int  # source frames; 1 for an image
     fps: float  # source frame rate; 0.0 for an image
     template: str  # caption before trigger substitution ("[trigger]" in it)
+    #: image-to-video archs: a same-stem image beside the clip (``clip.png``) that replaces its start frame
+    start: str | None = None
+    #: ... and ``clip.last.png``, its last frame (``[model] last_frame``)
+    last: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -45,33 +49,33 @@ class Unit:
         return (self.width, self.height, self.frames)
 
 
-def bucket_for(width: int, height: int, resolution: int) -> tuple[int, int]:
+def bucket_for(width: int, height: int, resolution: int, step: int = 16) -> tuple[int, int]:
     """The bucket (w, h) of an item of native size ``width x height`` at
-    ``resolution``: sides multiples of 16, area <= resolution^2, never larger
+    ``resolution``: sides multiples of ``step`` (16; 32 for the TI2V-5B's 16x VAE), area <= resolution^2, never larger
     than the item on either side (no upscaling); among those, for each width
     the tallest height, and of these the one whose aspect ratio is closest
     (in log space) to the item's; ties go to the larger area."""
     limit = resolution * resolution
     aspect = width / height
     best: tuple[tuple[float, int], tuple[int, int]] | None = None
-    for bw in range(16, min(width, limit // 16) + 1, 16):
-        bh = min(limit // bw, height) // 16 * 16
-        if bh < 16:
+    for bw in range(step, min(width, limit // step) + 1, step):
+        bh = min(limit // bw, height) // step * step
+        if bh < step:
             continue
         score = (abs(math.log(bw / bh / aspect)), -bw * bh)
         if best is None or score < best[0]:
             best = (score, (bw, bh))
     if best is None:
-        raise MediaError(f"too small: {width}x{height} has a side below 16 px")
+        raise MediaError(f"too small: {width}x{height} has a side below {step} px")
     return best[1]
 
 
-def needs_upscaling(width: int, height: int, resolution: int) -> bool:
+def needs_upscaling(width: int, height: int, resolution: int, step: int = 16) -> bool:
     """True when the item is too small to fill the bucket a large item of the
     same shape would get at ``resolution`` (so it trains smaller)."""
     scale = math.ceil(2 * resolution / min(width, height))
-    big = bucket_for(width * scale, height * scale, resolution)
-    small = bucket_for(width, height, resolution)
+    big = bucket_for(width * scale, height * scale, resolution, step)
+    small = bucket_for(width, height, resolution, step)
     return small[0] * small[1] < big[0] * big[1]
 
 

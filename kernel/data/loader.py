@@ -52,6 +52,9 @@ class SampleSpec:
     indices: tuple[int, ...]  # source frames
     flip_x: bool
     flip_y: bool
+    #: image-to-video: the override start / last images (None: the clip's own frames)
+    start: str | None = None
+    last: str | None = None
 
     def cache_key(self) -> str:
         """Hash of the file's content and every setting that changes the
@@ -59,6 +62,9 @@ class SampleSpec:
         and window), flips."""
         payload = {"v": CACHE_KEY_VERSION, "file": file_hash(self.path), "kind": self.kind, "bucket": list(self.bucket),
                    "frames": list(self.indices), "flip": [self.flip_x, self.flip_y]}
+        for name in ("start", "last"):  # only when present: text-to-video keys stay as they were
+            if getattr(self, name):
+                payload[name] = file_hash(getattr(self, name))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
 
 
@@ -82,7 +88,8 @@ def make_spec(ds: ScannedDataset, unit_id: int, draw: Draw) -> SampleSpec:
     unit = ds.units[unit_id]
     item = ds.items[unit.item]
     return SampleSpec(dataset=ds.index, unit=unit_id, path=item.path, kind=item.kind, bucket=(unit.width, unit.height),
-                      indices=frame_plan(item, ds.config, draw.window, ds.cached), flip_x=draw.flip_x, flip_y=draw.flip_y)
+                      indices=frame_plan(item, ds.config, draw.window, ds.cached), flip_x=draw.flip_x, flip_y=draw.flip_y,
+                      start=item.start if ds.start_frames else None, last=item.last if ds.last_frame else None)
 
 
 def resize_crop(frame: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
@@ -94,10 +101,11 @@ def resize_crop(frame: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize(tuple(bucket), Image.Resampling.BICUBIC, box=box))
 
 
-def load_pixels(spec: SampleSpec) -> torch.Tensor:
-    """Decode, resize, crop and flip one sample: float32 ``[3, F, H, W]`` in [-1, 1]."""
-    if spec.kind == "image":
-        frames = media.read_image(spec.path, min_size=spec.bucket)[None]
+def load_pixels(spec: SampleSpec, image: str | None = None) -> torch.Tensor:
+    """Decode, resize, crop and flip one sample: float32 ``[3, F, H, W]`` in
+    [-1, 1] (``image``: that image instead, at the sample's bucket and flips)."""
+    if spec.kind == "image" or image:
+        frames = media.read_image(image or spec.path, min_size=spec.bucket)[None]
     else:
         frames = media.read_frames(spec.path, spec.indices)
     width, height = spec.bucket
@@ -110,6 +118,15 @@ def load_pixels(spec: SampleSpec) -> torch.Tensor:
         out = out[:, ::-1]
     pixels = torch.from_numpy(np.ascontiguousarray(out)).permute(3, 0, 1, 2)
     return pixels.to(torch.float32) / 127.5 - 1.0
+
+
+def condition_frames(spec: SampleSpec, pixels: torch.Tensor, last_frame: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image-to-video: the start frame ``[3, H, W]`` of a sample -- its
+    override image, else the sample's own first frame -- and, with
+    ``last_frame``, its last frame likewise (else None)."""
+    first = load_pixels(spec, spec.start)[:, 0] if spec.start else pixels[:, 0]
+    last = (load_pixels(spec, spec.last)[:, 0] if spec.last else pixels[:, -1]) if last_frame else None
+    return first, last
 
 
 @attrs.frozen(kw_only=True)
@@ -126,6 +143,11 @@ class Batch:
     specs: tuple[SampleSpec, ...] = ()  # what each sample is, to load it again (a plugin's store misses)
     #: prior preservation: a regularization dataset's ``prior_loss_weight`` (None for other datasets)
     prior_loss_weight: float | None = None
+    #: image-to-video archs, with pixels: each sample's start (last) frame ``[B, 3, H, W]``
+    start: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    #: data parallel: (first item of this rank in the global batch, its size, this rank's loss weight); None alone
+    share: tuple[int, int, float] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,7 +176,14 @@ class BatchLoader(torch.utils.data.Dataset):
         failures: list[tuple[int, str, str]] = []
         samples = [self._sample(ds, unit, draw, failures) for unit, draw in zip(plan.units, plan.draws)]
         pixels = None if ds.index in self.skip_pixels else torch.stack([s[0] for s in samples])
+        start = last = None
+        if ds.start_frames and pixels is not None:
+            frames = [condition_frames(s[1], s[0], ds.last_frame) for s in samples]
+            start = torch.stack([f[0] for f in frames])
+            last = torch.stack([f[1] for f in frames]) if ds.last_frame else None
         batch = Batch(
+            start=start,
+            last=last,
             pixels=pixels,
             captions=[final_caption(s[2], self.trigger_word) if s[2] is not None else "" for s in samples],
             templates=[s[2] for s in samples],
@@ -164,6 +193,7 @@ class BatchLoader(torch.utils.data.Dataset):
             dataset_index=[ds.index] * len(samples),
             specs=tuple(s[1] for s in samples),
             prior_loss_weight=ds.config.prior_loss_weight if ds.config.is_regularization else None,
+            share=plan.share,
         )
         return _Loaded(plan, batch, tuple(failures))
 
@@ -211,8 +241,10 @@ class TrainData:
     worker ahead) in exactly the order ``num_workers = 0`` gives."""
 
     def __init__(self, datasets: Sequence[ScannedDataset], report: DatasetReport, *, seed: int, trigger_word: str | None,
-                 num_workers: int = 0, prefetch: int = 2):
+                 num_workers: int = 0, prefetch: int = 2, shard: tuple[int, int] = (0, 1)):
         self.datasets, self.report, self.seed = tuple(datasets), report, seed
+        #: data parallel: (rank, world size); batches are planned globally (world x batch_size) and sliced
+        self.rank, self.world = shard
         self.trigger_word, self.num_workers, self.prefetch = trigger_word, num_workers, prefetch
         self._position = _start_state(len(self.datasets), 0)
         self._skip_pixels: set[int] = set()
@@ -233,15 +265,16 @@ class TrainData:
 
     def _restart(self, batch_size: int) -> None:
         self._stop()
-        if self._position["batch_size"] != batch_size:
-            self._position = _rebatch(self._position, batch_size)
+        if self._position["batch_size"] != batch_size * self.world:
+            self._position = _rebatch(self._position, batch_size * self.world)
         planner = Planner(self.datasets, self.seed, self._position)
+        plans = planner if self.world == 1 else _RankShare(planner, self.rank, self.world)
         loader = BatchLoader(self.datasets, self.trigger_word, frozenset(self._skip_pixels), self._excluded)
         if self.num_workers <= 0:
-            self._iter = (loader[plan] for plan in planner)
+            self._iter = (loader[plan] for plan in plans)
         else:
             self._iter = iter(torch.utils.data.DataLoader(
-                loader, batch_size=None, sampler=planner, num_workers=self.num_workers, collate_fn=_identity,
+                loader, batch_size=None, sampler=plans, num_workers=self.num_workers, collate_fn=_identity,
                 prefetch_factor=self.prefetch, worker_init_fn=_worker_init))
         self._batch_size = batch_size
 
@@ -258,7 +291,8 @@ class TrainData:
 
     def state_dict(self) -> dict:
         """The position after the last batch returned (JSON-serialisable)."""
-        return {**json.loads(json.dumps(self._position)), "seed": self.seed, "fingerprint": self.fingerprint()}
+        extra = {"world_size": self.world} if self.world > 1 else {}  # one process: the state as it always was
+        return {**json.loads(json.dumps(self._position)), "seed": self.seed, "fingerprint": self.fingerprint(), **extra}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or len(state.get("datasets", ())) != len(self.datasets):
@@ -291,6 +325,17 @@ class TrainData:
     def load(self, spec: SampleSpec) -> torch.Tensor:
         """Pixels ``[3, F, H, W]`` of one sample (MediaError when it is bad)."""
         return load_pixels(spec)
+
+    def load_condition(self, spec: SampleSpec, pixels: torch.Tensor | None = None,
+                       last_frame: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image-to-video: the start (and last) frame ``[3, H, W]`` of one
+        sample, from its override images or its own frames (``last_frame``:
+        default, the sample's dataset's setting)."""
+        if last_frame is None:
+            last_frame = next(ds.last_frame for ds in self.datasets if ds.index == spec.dataset)
+        if pixels is None and not (spec.start and (spec.last or not last_frame)):
+            pixels = load_pixels(spec)
+        return condition_frames(spec, pixels, last_frame)
 
     def skip_pixels(self, datasets: Sequence[int]) -> None:
         """Stop decoding pixels for these datasets (a plugin supplies their
@@ -330,6 +375,18 @@ def _variants(ds: ScannedDataset, unit_id: int) -> Iterator[SampleSpec]:
                 yield make_spec(ds, unit_id, draw)
 
 
+class _RankShare:
+    """The planner's global batches, each cut to this rank's share (``wantrain.distributed.data``)."""
+
+    def __init__(self, planner: Planner, rank: int, world: int):
+        self.planner, self.rank, self.world = planner, rank, world
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        from ..distributed.data import slice_plan
+
+        return (slice_plan(plan, self.rank, self.world) for plan in self.planner)
+
+
 def build_train_data(profile: Profile, *, seed: int, num_workers: int = 0) -> TrainData:
     """Scan every dataset of ``profile`` (no model needed) and return the
     batch source. Raises DataError with every problem at once: a missing
@@ -337,4 +394,8 @@ def build_train_data(profile: Profile, *, seed: int, num_workers: int = 0) -> Tr
     datasets, report, problems = scan_profile(profile)
     if problems:
         raise DataError(problems)
-    return TrainData(datasets, report, seed=seed, trigger_word=profile.job.trigger_word, num_workers=num_workers)
+    datasets = [ds for ds in datasets if ds.config.role == "train"]  # others are held out (validation)
+    from ..distributed import data_rank, data_world
+
+    return TrainData(datasets, report, seed=seed, trigger_word=profile.job.trigger_word, num_workers=num_workers,
+                     shard=(data_rank(), data_world()))

@@ -75,6 +75,8 @@ class BatchPlan:
     units: tuple[int, ...]
     draws: tuple[Draw, ...]
     state_after: dict  # the position once this batch is consumed
+    #: data parallel: this rank's part of the global batch (``wantrain.distributed.data.Share``); None alone
+    share: tuple[int, int, float] | None = None
 
 
 def _start_state(count: int, batch_size: int) -> dict:

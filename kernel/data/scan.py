@@ -18,6 +18,7 @@ from pathlib import Path
 
 import attrs
 
+from .. import archs
 from ..errors import ProfileProblem
 from ..profile import DatasetConfig, Profile
 from . import media
@@ -41,6 +42,9 @@ class ScannedDataset:
     units: tuple[Unit, ...]
     groups: tuple[tuple[int, ...], ...]  # unit ids per (w, h, frames), keys sorted
     cached: bool  # cache_latents: "fps" windows come from window_starts (a fixed set)
+    #: the arch takes a start frame: batches carry ``start`` (and with ``last_frame``, ``last``)
+    start_frames: bool = False
+    last_frame: bool = False
 
 
 def list_files(folder: Path, caption_ext: str) -> tuple[list[Path], int]:
@@ -88,7 +92,10 @@ def scan_dataset(index: int, cfg: DatasetConfig, profile: Profile) -> tuple[Scan
         what = "is not a folder" if folder.exists() else "folder not found"
         return None, summary, [ProfileProblem(f"{where}.folder", what, cfg.folder, fix)]
     files, summary.ignored = list_files(folder, cfg.caption_ext)
-    items = [item for path in files if (item := _scan_file(path, cfg, profile, summary)) is not None]
+    arch = archs.get(profile.model.arch)
+    overrides = start_images(files) if arch.takes_start_frame else {}
+    files = [f for f in files if f not in {p for pair in overrides.values() for p in pair if p}]
+    items = [item for path in files if (item := _scan_file(path, cfg, profile, summary, arch, overrides.get(path))) is not None]
     problems = _dataset_problems(where, cfg, profile, items, summary)
     if problems:
         return None, summary, problems
@@ -96,7 +103,23 @@ def scan_dataset(index: int, cfg: DatasetConfig, profile: Profile) -> tuple[Scan
     return scanned, summary, []
 
 
-def _scan_file(path: Path, cfg: DatasetConfig, profile: Profile, summary: DatasetSummary) -> Item | None:
+def start_images(files: list[Path]) -> dict[Path, tuple[Path | None, Path | None]]:
+    """Image-to-video archs: ``{clip: (start image, last image)}`` for clips
+    with a same-stem image beside them (``clip.png`` replaces the start frame,
+    ``clip.last.png`` the last one); such images are not items of their own."""
+    images = {(p.parent, p.stem.lower()): p for p in files if p.suffix.lower() in media.IMAGE_EXTS}
+    out = {}
+    for clip in files:
+        if clip.suffix.lower() in media.VIDEO_EXTS:
+            pair = (images.get((clip.parent, clip.stem.lower())), images.get((clip.parent, clip.stem.lower() + ".last")))
+            if any(pair):
+                out[clip] = pair
+    return out
+
+
+def _scan_file(path: Path, cfg: DatasetConfig, profile: Profile, summary: DatasetSummary, arch: archs.Arch | None = None,
+               override: tuple[Path | None, Path | None] | None = None) -> Item | None:
+    arch = arch or archs.get(profile.model.arch)
     try:
         kind, width, height, count, fps, notes = probe_file(path)
         text = read_caption(path, cfg)
@@ -105,10 +128,14 @@ def _scan_file(path: Path, cfg: DatasetConfig, profile: Profile, summary: Datase
     except OSError as exc:
         return _skip(summary, path, f"cannot read the file ({exc.strerror or exc})")
     template = caption_template(text if text is not None else (cfg.default_caption or ""), profile.job.trigger_word, cfg.is_regularization)
-    item = Item(path=str(path), kind=kind, width=width, height=height, num_frames=count, fps=fps, template=template)
+    start, last = (str(p) if p else None for p in override or (None, None))
+    item = Item(path=str(path), kind=kind, width=width, height=height, num_frames=count, fps=fps, template=template,
+                start=start, last=last)
     reason = too_short(item, cfg)
-    if reason is None and min(width, height) < 16:
-        reason = f"too small: {width}x{height} has a side below 16 px"
+    if reason is None and min(width, height) < arch.size_multiple:
+        reason = f"too small: {width}x{height} has a side below {arch.size_multiple} px"
+    if reason is None and kind == "image" and arch.default_i2v_probability >= 1.0:
+        reason = f"a still cannot train {arch.title}, an image-to-video model (an image named like a clip is its start frame)"
     if reason:
         return _skip(summary, path, reason)
     if notes:
@@ -141,8 +168,9 @@ def _build_units(index: int, cfg: DatasetConfig, profile: Profile, folder: str, 
         if len(summary.captions) < 3:
             summary.captions.append((item.path, final_caption(item.template, profile.job.trigger_word)))
         for resolution in cfg.resolutions:
-            width, height = bucket_for(item.width, item.height, resolution)
-            if needs_upscaling(item.width, item.height, resolution):
+            step = archs.get(profile.model.arch).size_multiple
+            width, height = bucket_for(item.width, item.height, resolution, step)
+            if needs_upscaling(item.width, item.height, resolution, step):
                 _warn(summary, item.path, f"too small for resolution {resolution}: {item.width}x{item.height} trains at {width}x{height} (never upscaled)")
             unit = Unit(item=i, resolution=resolution, width=width, height=height, frames=frames_for(item, cfg))
             groups.setdefault(unit.key, []).append(len(units))
@@ -150,7 +178,8 @@ def _build_units(index: int, cfg: DatasetConfig, profile: Profile, folder: str, 
             name = _bucket_name(resolution, unit)
             summary.buckets[name] = summary.buckets.get(name, 0) + 1
     return ScannedDataset(index=index, config=cfg, folder=folder, items=tuple(items), units=tuple(units),
-                          groups=tuple(tuple(groups[k]) for k in sorted(groups)), cached=cfg.cache_latents)
+                          groups=tuple(tuple(groups[k]) for k in sorted(groups)), cached=cfg.cache_latents,
+                          start_frames=archs.get(profile.model.arch).takes_start_frame, last_frame=profile.model.last_frame)
 
 
 def scan_profile(profile: Profile) -> tuple[list[ScannedDataset], DatasetReport, list[ProfileProblem]]:

@@ -71,6 +71,14 @@ Modules:
   init_from`` and ``wantrain sample --lora``).
 - :mod:`.ara` -- ARA files: read (per expert), write (the SVD cache).
 - :mod:`.state` -- the resume state's files and its tensor/JSON tree.
+- :mod:`.toml` -- profile files: TOML with its ``extends`` chain, ``--set``
+  overrides, and the ``profile.toml`` a run writes.
+- :mod:`.wan_original` -- the original Wan single-file layout of the model
+  itself (ComfyUI's expert, VAE and UMT5 files; fp8 and scaled fp8): names
+  to and from Diffusers, configs from shapes, reading and writing.
+- :mod:`.sources` -- where a component's tensors come from (Diffusers
+  shards or a single file) for the streaming loaders, and ``[model]``'s
+  single-file keys (checks, loading).
 
 Who calls what: the trainer writes LoRA pairs with ``lora.to_comfy`` +
 ``lora.metadata`` + ``safetensors.write_atomic`` (``wantrain.run``) and the

@@ -31,9 +31,12 @@ _FINAL_FILE = re.compile(r"^(?P<name>.+)_(?:high_noise|low_noise)(?:_[a-z]+)?\.s
 def hold_output_dir(output_dir: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``<output_dir>/.wantrain.lock`` (holding the
     pid) for the run's life; the OS releases it on any death. A second run
-    on the folder is one error line naming the holder."""
+    on the folder is one error line naming the holder. Under torchrun rank 0
+    holds it for the job (the other ranks write nothing there)."""
+    from ..distributed import rank
+
     path = Path(output_dir) / LOCK_FILE
-    if fcntl is None:  # pragma: no cover
+    if fcntl is None or rank() != 0:  # pragma: no cover
         yield
         return
     while True:

@@ -37,8 +37,9 @@ SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "linea
 TIMESTEP_TYPES = {"linear": "linear", "sigmoid": "sigmoid", "shift": "shift", "weighted": "weighted",
                   "lognorm_blend": "logit_normal", "flux_shift": "shift"}
 BIAS = {"balanced": "balanced", "content": "high_noise", "style": "low_noise"}
-ARCHES = {"wan22_14b": "wan22_t2v_a14b", "wan22_14b_t2v": "wan22_t2v_a14b"}
-LATER_ARCHES = ("wan22_14b_i2v", "wan22_5b")  # in the Wan 2.2 family, not trained by wantrain yet
+ARCHES = {"wan22_14b": "wan22_t2v_a14b", "wan22_14b_t2v": "wan22_t2v_a14b", "wan22_14b_i2v": "wan22_i2v_a14b",
+          "wan22_5b": "wan22_ti2v_5b"}
+ONE_EXPERT = "wan22_ti2v_5b"  # no second expert: no multistage, no parked expert
 PLUGIN_ORDER = ("quantize", "offload", "multistage", "timesteps", "text_cache", "dop", "diff_guidance", "ema",
                 "latent_cache", "checkpoints", "sample", "tensorboard", "progress")
 
@@ -116,7 +117,6 @@ DATASET_DROPPED: Dropped = {
     "control_path_1": ((None, ""), "control inputs are for other architectures"),
     "control_path_2": ((None, ""), "control inputs are for other architectures"),
     "control_path_3": ((None, ""), "control inputs are for other architectures"),
-    "do_i2v": ((None, False), "image-to-video needs [model] arch I2V, not in wantrain yet"),
     "do_audio": ((None, False), "Wan 2.2 A14B has no audio"),
     "audio_normalize": ((NOOP,), "Wan 2.2 A14B has no audio"),
     "audio_preserve_pitch": ((NOOP,), "Wan 2.2 A14B has no audio"),
@@ -211,6 +211,8 @@ class Conversion:
     plugins: dict[str, dict[str, Any]] = attrs.Factory(dict)
     sampling: bool = True  # train.disable_sampling turns previews off
     at_start: bool | None = None  # train.skip_first_sample
+    #: each dataset's do_i2v (None: not given), for the TI2V-5B's i2v_probability
+    do_i2v: list[bool | None] = attrs.Factory(list)
 
     def put(self, dotted: str, value: Any) -> None:
         """Set ``job.name`` or ``plugins.quantize.transformer`` in the profile."""
@@ -334,6 +336,7 @@ def _process(conv: Conversion, proc: Section, name: str) -> None:
     else:
         conv.profile["datasets"] = [_dataset(conv, Section(conv, proc.path(f"datasets[{i}]"), d, DATASET_DROPPED))
                                     for i, d in enumerate(datasets)]
+        _i2v(conv, proc.path("datasets"))
     if proc.has("sample"):
         _sample(conv, Section(conv, proc.path("sample"), proc.take("sample"), SAMPLE_DROPPED))
     conv.enable("tensorboard")
@@ -354,18 +357,19 @@ def _model(conv: Conversion, model: Section) -> None:
     if model.typed("name_or_path", str):
         conv.put("model.name_or_path", model.data["name_or_path"])
     arch = model.typed("arch", str)
-    if arch in LATER_ARCHES:
-        conv.error(model.path("arch"), "wantrain trains Wan 2.2 T2V A14B only so far", arch,
-                   "convert a wan22_14b (text-to-video) job")
-    elif arch is not None and arch not in ARCHES:
-        conv.error(model.path("arch"), "not a Wan 2.2 architecture", arch, "wantrain trains wan22_14b")
+    if arch is not None and arch not in ARCHES:
+        conv.error(model.path("arch"), "not a Wan 2.2 architecture", arch, f"wantrain trains {', '.join(ARCHES)}")
     elif arch:
         conv.put("model.arch", ARCHES[arch])
+    one = ARCHES.get(arch) == ONE_EXPERT
     if model.has("dtype"):
         conv.put("model.dtype", _dtype(conv, model.path("dtype"), model.take("dtype")))
     _quantize(conv, model)
     if model.typed("low_vram", bool):
-        conv.put("plugins.offload.experts", True)
+        if one:
+            conv.drop(model.path("low_vram"), "the TI2V-5B has one expert: nothing to park (plugins.offload.layers streams blocks)")
+        else:
+            conv.put("plugins.offload.experts", True)
     if model.typed("layer_offloading", bool):
         share = model.typed("layer_offloading_transformer_percent", (int, float), 1.0)
         conv.put("plugins.offload.layers", float(min(max(share, 0.0), 1.0)))
@@ -378,7 +382,9 @@ def _model(conv: Conversion, model: Section) -> None:
     if not (high or low):
         conv.error(kwargs.where, "trains neither expert", {"train_high_noise": high, "train_low_noise": low},
                    "set one of them to true")
-    if not (high and low):
+    if one and not (high and low):
+        conv.drop(kwargs.where, "the TI2V-5B has one expert; it is trained")
+    elif not (high and low):
         conv.put("plugins.multistage.high_noise", high)
         conv.put("plugins.multistage.low_noise", low)
     model.finish()
@@ -486,9 +492,13 @@ def _train(conv: Conversion, train: Section) -> None:
         conv.drop(train.path("loss_type"), f"{loss}: wantrain has mse and huber; trains mse")
     _timesteps(conv, train)
     every = train.typed("switch_boundary_every", int)
-    if every:
-        conv.put("plugins.multistage.switch_every", every)
-    conv.enable("multistage")
+    if conv.profile.get("model", {}).get("arch") == ONE_EXPERT:
+        if every and every > 1:
+            conv.drop(train.path("switch_boundary_every"), "the TI2V-5B has one expert: nothing to switch")
+    else:
+        if every:
+            conv.put("plugins.multistage.switch_every", every)
+        conv.enable("multistage")
     _extras(conv, train)
     if train.typed("disable_sampling", bool, False):
         conv.sampling = False
@@ -585,8 +595,25 @@ def _extras(conv: Conversion, train: Section) -> None:
         conv.put("plugins.text_cache.unload", True)
 
 
+def _i2v(conv: Conversion, where: str) -> None:
+    """ai-toolkit's per-dataset ``do_i2v`` (train from the first frame, else
+    text-to-video): for the TI2V-5B, ``[model] i2v_probability`` -- the share
+    of datasets that set it, since wantrain mixes per sample, not per
+    dataset; the I2V-A14B always trains from the start frame; T2V never."""
+    arch, flags = conv.profile.get("model", {}).get("arch"), [bool(f) for f in conv.do_i2v]
+    if arch == ONE_EXPERT:
+        share = sum(flags) / len(flags)
+        conv.put("model.i2v_probability", share)
+        if 0 < share < 1:
+            conv.drop(f"{where}[*].do_i2v", f"set per dataset; wantrain mixes per sample: i2v_probability = {share:g} "
+                                            "(the share of datasets that set it)")
+    elif arch != "wan22_i2v_a14b" and any(flags):
+        conv.drop(f"{where}[*].do_i2v", "a text-to-video model has no start frame")
+
+
 def _dataset(conv: Conversion, ds: Section) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    conv.do_i2v.append(ds.typed("do_i2v", bool))
     folder = ds.typed("folder_path", str)
     if not folder:
         conv.error(ds.path("folder_path"), "required", fix="the folder of images/clips with their caption files")

@@ -70,6 +70,11 @@ class Config:
 
 
 def profile_problems(config: Config, profile) -> list[ProfileProblem]:
+    from wantrain.archs import get as get_arch
+
+    if config.experts and get_arch(profile.model.arch).single_expert:
+        return [ProfileProblem("plugins.offload.experts", f"{profile.model.arch} has one expert: there is no idle one to park",
+                               True, "set experts = false (layers = 0.5 streams blocks instead)")]
     if config.layers > 0 and not profile.model.gradient_checkpointing:
         return [ProfileProblem("plugins.offload.layers", "layer offloading needs model.gradient_checkpointing = true",
                                config.layers, "set [model] gradient_checkpointing = true, or layers = 0.0")]
@@ -247,7 +252,7 @@ def memory_remedies(memory):
     from wantrain.commands.estimate import Remedy
 
     out = []
-    if not memory.idle_expert_on_host:
+    if not memory.idle_expert_on_host and memory.experts > 1:  # a one-expert arch has no idle expert
         out.append(Remedy(40, "[plugins.offload] experts = true", {"idle_expert_on_host": True}))
     for layers in (0.25, 0.5, 0.75, 1.0):
         if layers > memory.streamed_layers:

@@ -38,7 +38,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from wantrain import hookimpl
+from wantrain import distributed, hookimpl
 from wantrain.errors import ProfileProblem
 from wantrain.profile import non_negative
 from wantrain.run import Run
@@ -72,15 +72,20 @@ def base_folder(run) -> Path:
 
 
 def profile_problems(config: Config, profile) -> list[ProfileProblem]:
+    from wantrain import archs
+
+    problems = sampler.image_problems(config, archs.get(profile.model.arch))
     if profile.job.trigger_word or not any(TRIGGER.search(p) for p in config.prompts):
-        return []
-    return [ProfileProblem("plugins.sample.prompts", "a prompt uses [trigger] but job.trigger_word is not set",
+        return problems
+    return problems + [ProfileProblem("plugins.sample.prompts", "a prompt uses [trigger] but job.trigger_word is not set",
                            fix='set job.trigger_word = "sks" (your token) or remove [trigger] from the prompts')]
 
 
 def request(run, step: int) -> list[str]:
     """Ask for previews through the event (wrappers included); training state
-    is the same afterwards."""
+    is the same afterwards. Under torchrun rank 0 renders alone."""
+    if distributed.rank():
+        return []
     log.info("rendering previews at step %d", step)
     with training_state_preserved(run):
         paths = run.generate_samples(step)

@@ -18,7 +18,7 @@ from wantrain.errors import ProfileProblem, WantrainError
 from wantrain.profile import _Invalid
 from wantrain.run import Run, load_frozen, open_run
 
-from .render import _LoraFiles, lora_paths, render, settings_from
+from .render import _LoraFiles, image_problems, lora_paths, render, settings_from
 
 
 def load_for_sampling(profile, lora_files) -> Run:
@@ -39,7 +39,13 @@ def sample_command(profile, prefix: str, prompts: Sequence[str], out: str | None
         settings = settings_from(config, **({"prompts": tuple(prompts)} if prompts else {}))
     except _Invalid as exc:
         raise WantrainError(ProfileProblem(f"plugins.sample.{exc.field}", str(exc), exc.got, exc.fix)) from None
-    files = lora_paths(prefix)
+    from wantrain import archs
+
+    arch = archs.get(profile.model.arch)
+    problems = image_problems(settings, arch, "--prompt" if prompts else "plugins.sample")
+    if problems:
+        raise WantrainError(problems)
+    files = lora_paths(prefix, arch.experts, arch)
     folder = Path(out) if out else Path(prefix).parent / "samples" / Path(prefix).name
     return render(load_for_sampling(profile, files), settings, folder)
 

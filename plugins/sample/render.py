@@ -12,8 +12,15 @@ exactly the weights being trained.
                   sampler = "unipc": UniPCMultistepScheduler as the Wan pipelines set it up
                   (flow_prediction, use_flow_sigmas, flow_shift=shift), one per prompt;
                   `steps` steps
-    each step     expert = high_noise if t >= boundary * 1000 else low_noise
+    start image   image-to-video archs (I2V-A14B, TI2V-5B): ``images[i]`` (one for
+                  every prompt, or one per prompt; default: the first frame of the
+                  first dataset clip), cover-resized to width x height, encoded
+                  into the arch's condition (wantrain.archs.condition) -- as
+                  diffusers' WanImageToVideoPipeline does; written beside the
+                  preview as <i>.start.png. TI2V: "" renders that prompt text-to-video.
+    each step     expert = high_noise if t >= boundary * 1000 else low_noise (one-expert archs: it)
                   v = uncond + g * (cond - uncond), g = guidance_high / guidance_low
+                  (the TI2V-5B's one expert: guidance_high)
     decode        wantrain.model.decode_latents(run.vae, latents)
     write         <folder>/<i>.mp4 (H.264, yuv420p, PyAV) + <folder>/prompts.txt
 
@@ -42,6 +49,8 @@ import numpy as np
 import torch
 
 from wantrain import flow, hookimpl, lora, model
+from wantrain.archs import ALL_EXPERTS, Arch
+from wantrain.archs.condition import Condition, assemble, condition_video
 from wantrain.formats.lora import LoraWeights, read_lora, read_lora_sources
 from wantrain.profile import _Invalid, _named, frame_count, in_range, non_empty, one_of, positive
 
@@ -77,6 +86,9 @@ class SampleSettings:
     sampler: str = attrs.field(default="euler", validator=one_of("euler", "unipc"))
     #: prompt i starts from the noise of seed + i (else one generator of seed, drawn in prompt order)
     walk_seed: bool = False
+    #: image-to-video archs: the start image of each prompt (one for all, or one per prompt;
+    #: "" = none, TI2V-5B only); default: the first frame of the first dataset clip
+    images: tuple[str, ...] = ()
 
 
 def settings_from(config: Any, **changes: Any) -> SampleSettings:
@@ -91,8 +103,87 @@ def with_trigger(prompt: str, trigger_word: str | None) -> str:
     return TRIGGER.sub(trigger_word or "", prompt)
 
 
-def latent_shape(settings: SampleSettings) -> tuple[int, int, int, int, int]:
-    return (1, 16, (settings.num_frames - 1) // 4 + 1, settings.height // 8, settings.width // 8)
+def latent_shape(settings: SampleSettings, arch: Arch | None = None) -> tuple[int, int, int, int, int]:
+    channels, spatial, temporal = (arch.latent_channels, arch.vae_spatial, arch.vae_temporal) if arch else (16, 8, 4)
+    return (1, channels, (settings.num_frames - 1) // temporal + 1, settings.height // spatial, settings.width // spatial)
+
+
+def image_problems(settings: SampleSettings, arch: Arch, where: str = "plugins.sample") -> list:
+    """Sizes the arch's VAE and patch divide, and a start image per prompt (image-to-video archs)."""
+    from wantrain.errors import ProfileProblem
+
+    problems, step = [], arch.size_multiple
+    for name in ("width", "height"):
+        value = getattr(settings, name)
+        if value % step:
+            problems.append(ProfileProblem(f"{where}.{name}", f"must be a multiple of {step} for {arch.title}", value,
+                                           f"use {max(step, value // step * step)}"))
+    if settings.images and not arch.takes_start_frame:
+        problems.append(ProfileProblem(f"{where}.images", f"{arch.title} takes no start image", list(settings.images),
+                                       "remove images, or set [model] arch to an image-to-video model"))
+    elif len(settings.images) not in (0, 1, len(settings.prompts)):
+        problems.append(ProfileProblem(f"{where}.images", f"give one start image for every prompt or one per prompt "
+                                       f"({len(settings.prompts)} prompts)", list(settings.images), "match the prompts"))
+    elif "" in settings.images and arch.default_i2v_probability >= 1.0:
+        problems.append(ProfileProblem(f"{where}.images", f"{arch.title} needs a start image for every prompt",
+                                       list(settings.images), "replace \"\" by an image path"))
+    return problems
+
+
+def start_images(run, settings: SampleSettings, count: int) -> list[str | None]:
+    """The start image path of each of ``count`` prompts (None: text-to-video)."""
+    images = list(settings.images) or [default_start_image(run.profile)]
+    if len(images) == 1:
+        images *= count
+    paths = [run.profile.resolve_path(p) if p else None for p in images]
+    missing = [str(p) for p in paths if p is not None and not p.is_file()]
+    if missing:
+        from wantrain.errors import ProfileProblem, WantrainError
+
+        raise WantrainError(ProfileProblem("plugins.sample.images", "start image not found", missing[0],
+                                           "check the path (relative paths start from the profile's folder)"))
+    return [str(p) if p else None for p in paths]
+
+
+def default_start_image(profile) -> str:
+    """The first dataset clip's start image: ``clip.png`` beside it, else the clip itself (its first frame)."""
+    from wantrain.data.media import VIDEO_EXTS
+    from wantrain.data.scan import list_files, start_images as overrides
+
+    for ds in profile.datasets:
+        folder = profile.resolve_path(ds.folder)
+        files = list_files(folder, ds.caption_ext)[0] if folder.is_dir() else []
+        clips = [f for f in files if f.suffix.lower() in VIDEO_EXTS]
+        if clips:
+            return str((overrides(files).get(clips[0]) or (None,))[0] or clips[0])
+    from wantrain.errors import ProfileProblem, WantrainError
+
+    raise WantrainError(ProfileProblem("plugins.sample.images", "no start image: no dataset clip to take one from",
+                                       fix='set [plugins.sample] images = ["start.png"]'))
+
+
+def load_start_pixels(path: str, width: int, height: int) -> torch.Tensor:
+    """An image (or a clip's first frame), cover-resized and centre-cropped: ``[3, H, W]`` in [-1, 1]."""
+    from wantrain.data import media
+    from wantrain.data.loader import resize_crop
+
+    kind = media.kind_of(Path(path))
+    frame = media.read_frames(path, (0,))[0] if kind == "video" else media.read_image(path)
+    out = resize_crop(np.asarray(frame), (width, height))
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def preview_conditions(run, settings: SampleSettings, images: list[str | None]) -> list[Condition]:
+    """Each prompt's condition (an empty one without a start image), encoded with the run's VAE."""
+    out = []
+    for path in images:
+        if path is None:
+            out.append(Condition())
+            continue
+        pixels = load_start_pixels(path, settings.width, settings.height)[None]
+        latents = model.encode_pixels(run.vae, condition_video(run.arch, pixels, None, settings.num_frames))
+        out.append(assemble(run.arch, latents.to(run.device, torch.float32), settings.num_frames))
+    return out
 
 
 def make_scheduler(settings: SampleSettings):
@@ -205,15 +296,19 @@ def render(run, settings: SampleSettings, folder: str | Path, *, use_lora: bool 
     folder.mkdir(parents=True, exist_ok=True)
     prompts = [with_trigger(p, run.profile.job.trigger_word) for p in settings.prompts]
     scheduler = make_scheduler(settings)
-    routes = [flow.expert_for(float(t), run.boundary) for t in scheduler.timesteps]
-    needed = [e for e in model.EXPERTS if e in routes]
+    routes = [run.expert_for(float(t)) for t in scheduler.timesteps]
+    needed = [e for e in ALL_EXPERTS if e in routes]
     placement = Placement(run, needed)
+    images = start_images(run, settings, len(prompts)) if run.arch.takes_start_frame else [None] * len(prompts)
     with training_state_preserved(run), torch.no_grad():
         try:
             placement.visit("text_encoder")
             cond = run.encode_prompts(prompts)
             negative = run.encode_prompts([settings.negative_prompt]) if _uses_cfg(settings) else None
-            latents = initial_noise(settings, len(prompts))
+            if any(images):
+                placement.visit("vae")
+            starts = preview_conditions(run, settings, images)
+            latents = initial_noise(settings, len(prompts), run.arch)
             solvers = steppers(settings, scheduler, len(prompts))
             done, total = 0, len(prompts) * len(routes)  # denoising steps, for on_progress
             run.pm.hook.on_progress(run=run, task="rendering previews", done=0, total=total)
@@ -225,11 +320,16 @@ def render(run, settings: SampleSettings, folder: str | Path, *, use_lora: bool 
                 with contextlib.nullcontext() if use_lora else run.lora_disabled(expert):
                     for p in range(len(prompts)):
                         latents[p] = denoise(run, expert, scheduler, steps, latents[p], cond[p : p + 1], negative,
-                                             _guidance(settings, expert), solvers[p])
+                                             _guidance(settings, expert), solvers[p], starts[p])
                         done += len(steps)
                         run.pm.hook.on_progress(run=run, task="rendering previews", done=done, total=total)
             placement.visit("vae")
+            latents = [starts[p].model_input(x.to(run.device)).cpu() if starts[p].first is not None else x
+                       for p, x in enumerate(latents)]  # TI2V: the clean start frame, as diffusers decodes it
             paths = [write_preview(run, latents[p], folder / f"{p}.mp4", settings.fps) for p in range(len(prompts))]
+            for p, path in enumerate(images):
+                if path is not None:
+                    write_start_image(load_start_pixels(path, settings.width, settings.height), folder / f"{p}.start.png")
         finally:
             placement.restore()
     (folder / "prompts.txt").write_text("".join(f"{p}.mp4\t{text}\n" for p, text in enumerate(prompts)), encoding="utf-8")
@@ -242,30 +342,37 @@ def _uses_cfg(settings: SampleSettings) -> bool:
 
 
 def _guidance(settings: SampleSettings, expert: str) -> float:
-    return settings.guidance_high if expert == "high_noise" else settings.guidance_low
+    return settings.guidance_low if expert == "low_noise" else settings.guidance_high
 
 
-def initial_noise(settings: SampleSettings, count: int) -> list[torch.Tensor]:
+def write_start_image(pixels: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(to_uint8(pixels[None, :, None])[0]).save(path)
+
+
+def initial_noise(settings: SampleSettings, count: int, arch: Arch | None = None) -> list[torch.Tensor]:
     """One noise tensor per prompt from a generator of its own, so prompt
     ``i`` starts from the same noise at every preview step."""
     if settings.walk_seed:
-        return [torch.randn(latent_shape(settings), generator=torch.Generator("cpu").manual_seed(settings.seed + i))
+        return [torch.randn(latent_shape(settings, arch), generator=torch.Generator("cpu").manual_seed(settings.seed + i))
                 for i in range(count)]
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    return [torch.randn(latent_shape(settings), generator=generator) for _ in range(count)]
+    return [torch.randn(latent_shape(settings, arch), generator=generator) for _ in range(count)]
 
 
 def denoise(run, expert: str, template, steps: list[int], x: torch.Tensor, cond: torch.Tensor,
-            negative: torch.Tensor | None, guidance: float, solver=None) -> torch.Tensor:
+            negative: torch.Tensor | None, guidance: float, solver=None, start: Condition | None = None) -> torch.Tensor:
     """The steps ``steps`` (indices into the schedule) of one prompt with
-    ``expert``: Euler, or ``solver.step`` (this prompt's own multistep scheduler)."""
+    ``expert``: Euler, or ``solver.step`` (this prompt's own multistep
+    scheduler); ``start``: its start-frame condition (image-to-video archs)."""
     x = x.to(run.device, torch.float32)
     sigmas = template.sigmas
     for i in steps:
         t = template.timesteps[i].reshape(1)
-        v = run.predict(expert, x, t, cond)
+        v = run.predict(expert, x, t, cond, start)
         if guidance > 1.0 and negative is not None:
-            uncond = run.predict(expert, x, t, negative)
+            uncond = run.predict(expert, x, t, negative, start)
             v = uncond + guidance * (v - uncond)
         if solver is not None:
             x = solver.step(v, template.timesteps[i], x, return_dict=False)[0].float()
@@ -290,13 +397,13 @@ def write_preview(run, latents: torch.Tensor, path: Path, fps: float) -> Path:
 # ---------------------------------------------------------------- wantrain sample
 
 
-def lora_paths(prefix: str) -> dict[str, LoraWeights]:
+def lora_paths(prefix: str, experts: Sequence[str] = model.EXPERTS, arch: Arch | None = None) -> dict[str, LoraWeights]:
     """What ``--lora`` gives each expert: ``output/demo/demo`` -> the files
     ``output/demo/demo_{expert}.safetensors`` that exist; or one file of any
     layout ``[target] init_from`` reads (with its high_noise/low_noise
     partner; a two-expert file gives each expert its half; a file naming no
     expert serves both); or a checkpoints/step_N folder."""
-    return read_lora_sources(prefix, model.EXPERTS, where="--lora", prefix=True)
+    return read_lora_sources(prefix, experts, where="--lora", prefix=True, arch=arch)
 
 
 def attach_lora_file(module: torch.nn.Module, source: Path | LoraWeights, expert: str | None = None) -> None:

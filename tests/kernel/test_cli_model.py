@@ -10,6 +10,7 @@ import sys
 import torch
 
 from wantrain import model
+from wantrain.archs import checks
 
 
 def wantrain(*args, **kw):
@@ -36,10 +37,10 @@ def test_make_tiny_model_layout_and_seed(tmp_path):
 def test_model_source_parsing(tmp_path):
     s = model.ModelSource("Wan-AI/Wan2.2-T2V-A14B-Diffusers@abc123")
     assert (s.repo, s.revision, s.local) == ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "abc123", None)
-    assert model.check_model_source("Wan-AI/Wan2.2-T2V-A14B-Diffusers") == []
-    (problem,) = model.check_model_source(str(tmp_path))
+    assert checks.check_model_source("Wan-AI/Wan2.2-T2V-A14B-Diffusers") == []
+    (problem,) = checks.check_model_source(str(tmp_path))
     assert problem.line().startswith("error: model.name_or_path: is not a Diffusers model folder (no model_index.json)")
-    (problem,) = model.check_model_source("not a model")
+    (problem,) = checks.check_model_source("not a model")
     assert "neither an existing folder nor a hub id" in problem.line()
 
 

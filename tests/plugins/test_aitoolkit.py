@@ -137,13 +137,34 @@ def test_unknown_keys_are_one_error_line_each(tmp_path, capsys):
     assert not (tmp_path / "p.toml").exists()
 
 
+def _job(model: dict, datasets: list[dict], **train) -> dict:
+    return {"job": "extension", "config": {"name": "x", "process": [
+        {"type": "sd_trainer", "model": model, "train": train, "datasets": datasets}]}}
+
+
+def test_the_i2v_and_5b_archs_map():
+    i2v = C.convert(_job({"arch": "wan22_14b_i2v", "low_vram": True}, [{"folder_path": "d", "do_i2v": True}]))
+    assert i2v.profile["model"]["arch"] == "wan22_i2v_a14b" and "multistage" in i2v.plugins
+    assert i2v.plugins["offload"] == {"experts": True} and i2v.dropped == []
+    # the 5B: one expert (no multistage, nothing to park), do_i2v per dataset -> the share of i2v samples
+    five = C.convert(_job({"arch": "wan22_5b", "low_vram": True}, [{"folder_path": "a", "do_i2v": True}, {"folder_path": "b"}],
+                          switch_boundary_every=10))
+    assert five.profile["model"] == {"arch": "wan22_ti2v_5b", "i2v_probability": 0.5}
+    assert "multistage" not in five.plugins and "offload" not in five.plugins
+    assert [line.split(": ", 2)[1] for line in five.dropped] == [
+        "config.process[0].model.low_vram", "config.process[0].train.switch_boundary_every", "config.process[0].datasets[*].do_i2v"]
+    t2v_only = C.convert(_job({"arch": "wan22_5b"}, [{"folder_path": "a"}]))
+    assert t2v_only.profile["model"]["i2v_probability"] == 0.0  # ai-toolkit trains a dataset without do_i2v text-to-video
+    t2v = C.convert(_job({"arch": "wan22_14b"}, [{"folder_path": "a", "do_i2v": True}]))
+    assert t2v.dropped == ["not carried over: config.process[0].datasets[*].do_i2v: a text-to-video model has no start frame"]
+
+
 def test_other_architectures_and_shapes_are_errors():
-    base = {"job": "extension", "config": {"name": "x", "process": [{"type": "sd_trainer", "model": {"arch": "wan22_5b"},
-                                                                     "datasets": [{"folder_path": "d"}]}]}}
+    base = _job({"arch": "flux"}, [{"folder_path": "d"}])
     with pytest.raises(C.WantrainError) as info:
         C.convert(base)
-    assert info.value.lines() == ["error: config.process[0].model.arch: wantrain trains Wan 2.2 T2V A14B only so far "
-                                  "(got 'wan22_5b'); convert a wan22_14b (text-to-video) job"]
+    assert info.value.lines() == ["error: config.process[0].model.arch: not a Wan 2.2 architecture (got 'flux'); "
+                                  "wantrain trains wan22_14b, wan22_14b_t2v, wan22_14b_i2v, wan22_5b"]
     with pytest.raises(C.WantrainError) as info:
         C.convert({"job": "extension", "config": {"name": "x", "process": [{}, {}]}})
     assert info.value.lines()[0].startswith("error: config.process: wantrain converts one process per job (got 2)")

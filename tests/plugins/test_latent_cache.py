@@ -148,8 +148,10 @@ def fake_run(profile, td, vae, tmp_path, model_path):
 
     pm = pluggy.PluginManager(PROJECT)  # the events, no other plugin (on_progress goes nowhere)
     pm.add_hookspecs(hookspecs)
+    from wantrain import archs
+
     return SimpleNamespace(profile=profile, data=td, vae=vae, device=torch.device("cpu"), dtype=torch.float32,
-                           output_dir=tmp_path, pm=pm)
+                           output_dir=tmp_path, pm=pm, arch=archs.get(archs.DEFAULT))
 
 
 def test_cached_latents_equal_the_vae_and_pixels_are_skipped(small, tmp_path, tiny_vae, tiny_model):
