@@ -8,6 +8,10 @@ that loader's peak:
 
 - ``wantrain qint4``: :func:`wantrain.plugins.quantize.loader.load_quantized_expert` (meta
   device, layer by layer, quantize as it goes);
+- ``single file bf16`` / ``single file fp8_scaled``: the same loader reading
+  the expert from one original-layout file (ComfyUI's layout: original Wan
+  names; bf16, or fp8 with per-tensor ``scale_weight``), names converted and
+  scales applied as it streams (:mod:`wantrain.formats.sources`);
 - ``diffusers bf16``: ``WanTransformer3DModel.from_pretrained(...,
   low_cpu_mem_usage=True)`` for reference (every weight page touched after
   loading, since safetensors may map the file lazily).
@@ -25,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -89,17 +92,23 @@ from pathlib import Path
 torch.set_num_threads(2)
 from wantrain.plugins.quantize import ara, loader
 from wantrain.model import ModelSource
+from wantrain.formats.sources import SingleFileSource
 from diffusers import WanTransformer3DModel
 from optimum.quanto import qint4, quantize, freeze
 warm = torch.nn.Sequential(torch.nn.Linear(256, 256)).to(torch.bfloat16); quantize(warm, weights=qint4); freeze(warm); warm(torch.zeros(1, 256, dtype=torch.bfloat16))
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-def now():
+def status(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"): return int(line.split()[1]) * 1024
+        if line.startswith(field): return int(line.split()[1]) * 1024
+# VmHWM, not ru_maxrss: ru_maxrss survives fork + exec, so a child would report the parent's peak
+def rss(): return status("VmHWM")
+def now(): return status("VmRSS")
 before = now()
-folder, loader = sys.argv[1], sys.argv[2]
-if loader == "wantrain":
+folder, which = sys.argv[1], sys.argv[2]
+if which == "wantrain":
     m = loader.load_quantized_expert(ModelSource(folder), "transformer", dtype=torch.bfloat16, qtype="qint4")
+elif which.startswith("single:"):
+    src = SingleFileSource(folder, {"transformer": Path(which[len("single:"):])}, {}, None, standalone=False)
+    m = loader.load_quantized_expert(src, "transformer", dtype=torch.bfloat16, qtype="qint4")
 else:
     m = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.bfloat16, low_cpu_mem_usage=True)
     with torch.no_grad():  # weights may still be lazy file mappings: touch every page, as training would
@@ -107,6 +116,26 @@ else:
             p.view(-1)[:: max(1, 2048 // p.element_size())].sum()
 print(json.dumps({"before": before, "peak": rss(), "after": now()}))
 """
+
+
+def write_single_files(folder: Path, layers: int) -> dict[str, Path]:
+    """The expert as original single files (bf16 and scaled fp8), beside the folder."""
+    from safetensors.torch import load_file
+
+    from wantrain.formats import wan_original
+
+    out = {}
+    for storage in ("bf16", "fp8_scaled"):
+        path = folder.parent / f"{folder.name}_{layers}blocks_{storage}.safetensors"
+        if not path.is_file():
+            state = {}
+            for shard in sorted((folder / "transformer").glob("*.safetensors")):
+                state.update(load_file(str(shard)))
+            heads = json.loads((folder / "transformer" / "config.json").read_text())["num_attention_heads"]
+            wan_original.write_original("expert", state, path, storage=storage, metadata={"num_heads": str(heads)})
+            del state
+        out[storage] = path
+    return out
 
 
 def measure(folder: Path, loader: str) -> dict:
@@ -131,13 +160,16 @@ def main() -> None:
     G = 2**30
     print(f"random Wan expert: {params / 1e9:.2f}B parameters, bf16 on disk {disk / G:.2f} GiB ({folder})")
     print(f"{'loader':<24} {'RSS before':>10} {'peak RSS':>9} {'growth':>8} {'growth / bf16':>14} {'peak / bf16':>12}")
-    for loader, label in (("wantrain", "wantrain qint4"), ("diffusers", "diffusers bf16")):
+    singles = write_single_files(folder, args.layers)
+    runs = [("wantrain", "wantrain qint4"), *((f"single:{p}", f"single file {s} qint4") for s, p in singles.items()),
+            ("diffusers", "diffusers bf16")]
+    for loader, label in runs:
         if loader == "diffusers" and args.skip_diffusers:
             continue
         r = measure(folder, loader)
         growth = r["peak"] - r["before"]
         print(f"{label:<24} {r['before'] / G:>9.2f}G {r['peak'] / G:>8.2f}G {growth / G:>7.2f}G {growth / disk:>14.2f} {r['peak'] / disk:>12.2f}")
-    print("target: peak / bf16 <= 0.60 for wantrain qint4 (qint4 weights are ~0.27x of bf16, plus one layer in flight)")
+    print("target: peak / bf16 <= 0.60 for the wantrain loaders (qint4 weights are ~0.27x of bf16, plus one layer in flight)")
 
 
 if __name__ == "__main__":

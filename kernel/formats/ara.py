@@ -5,10 +5,18 @@ layer of an expert (blocks and the layers outside them), read into
 Key names share :func:`wantrain.formats.lora.module_name` with the LoRA
 reader: ComfyUI / original Wan names or diffusers names, under
 ``diffusion_model.`` / ``transformer.`` / ``base_model.model.`` / ``model.``
-or none; ``lora_A``/``lora_B`` or ``lora_down``/``lora_up``; an optional
-``.alpha`` (scale = alpha / rank, else 1). A file whose names carry
-``transformer_1.`` / ``transformer_2.`` (ai-toolkit's two-expert model)
-holds both experts: each expert reads its half.
+or none; ``lora_A``/``lora_B`` (PEFT's ``lora_A.default`` too) or
+``lora_down``/``lora_up``; kohya-style flattened names
+(``lora_transformer_transformer_1_blocks_0_attn1_to_q``); an optional
+``.alpha`` (scale = alpha / rank, else 1 -- ai-toolkit writes none, its ARA
+runs at alpha = rank). A file whose names carry ``transformer_1.`` /
+``transformer_2.`` (ai-toolkit's DualWanTransformer3DModel: ``transformer_1``
+is the high-noise expert, ``transformer_2`` the low-noise one) holds both
+experts: each expert reads its half. Every form ai-toolkit writes the
+published ``wan22_14b_t2i_torchao_uint4`` adapter in:
+``diffusion_model.transformer_1.blocks.0.self_attn.q.lora_A.weight`` (its
+ComfyUI-side save), ``transformer.transformer_1.blocks.0.attn1.to_q...``
+(its in-memory PEFT names), and the same without the outer prefix.
 """
 
 from __future__ import annotations
@@ -20,12 +28,22 @@ from typing import Mapping
 import torch
 
 from . import safetensors as st
-from .lora import comfy_name, module_name
+from .lora import _UNDERSCORED, comfy_name, module_name
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
-_ARA_KEY = re.compile(r"^(.+?)\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
-_KINDS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up", "alpha": "alpha"}
+_ARA_KEY = re.compile(r"^(.+?)\.(lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$|^(.+?)\.(alpha)$")
+_KINDS = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up", "alpha": "alpha"}
+#: kohya-style flattened names: lora_transformer_[transformer_1_]blocks_0_attn1_to_q
+_FLAT = re.compile(r"^lora_(?:unet|transformer)_(?:(transformer_[12])_)?blocks_(\d+)_(\w+)$")
+
+
+def _dotted(name: str) -> str:
+    """A flattened (kohya-style) module name in dotted form; others unchanged."""
+    m = _FLAT.match(name)
+    if m and m.group(3) in _UNDERSCORED:
+        return f"{m.group(1) + '.' if m.group(1) else ''}blocks.{m.group(2)}.{_UNDERSCORED[m.group(3)]}"
+    return name
 
 
 def parse_ara_state(state: Mapping[str, torch.Tensor], expert: str | None = None) -> Layers:
@@ -36,8 +54,9 @@ def parse_ara_state(state: Mapping[str, torch.Tensor], expert: str | None = None
         m = _ARA_KEY.match(key)
         if not m:
             raise ValueError(f"unexpected key {key!r} in an ARA file (expected ...lora_A.weight / lora_B.weight / alpha)")
-        module = module_name(m.group(1))
-        parts.setdefault(module.expert, {}).setdefault(module.name, {})[_KINDS[m.group(2)]] = tensor
+        head, kind = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        module = module_name(_dotted(head))
+        parts.setdefault(module.expert, {}).setdefault(module.name, {})[_KINDS[kind]] = tensor
     if set(parts) - {None}:  # names carry the expert
         if expert is None:
             raise ValueError("the ARA file holds both experts (transformer_1 / transformer_2); say which expert to read")
@@ -76,3 +95,19 @@ def ara_to_state(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
 def write_ara_file(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], path: Path, meta: Mapping[str, str]) -> Path:
     """An ARA file (diffusers key layout) written atomically."""
     return st.write_atomic(ara_to_state(layers), path, meta)
+
+
+def ara_file_header(path: str | Path) -> tuple[set[str | None], dict[str, str]]:
+    """The experts an ARA file's names carry (``None``: names without
+    ``transformer_1.`` / ``transformer_2.``) and its metadata, from its
+    header alone -- what ``wantrain check`` needs without reading tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        keys, meta = list(fh.keys()), dict(fh.metadata() or {})
+    out: set[str | None] = set()
+    for key in keys:
+        m = _ARA_KEY.match(key)
+        if m:
+            out.add(module_name(_dotted(m.group(1) or m.group(3))).expert)
+    return out, meta

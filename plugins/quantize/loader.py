@@ -8,14 +8,15 @@ shards are read tensor by tensor, one layer at a time; each layer is
 materialised in the run's dtype, quantized with optimum-quanto and frozen,
 its accuracy-recovery adapter attached (:mod:`.ara`), and only then is the
 next layer read. Peak host memory is about the quantized model plus one bf16
-layer (see ``benchmarks/load_memory.py``).
+layer (see ``benchmarks/load_memory.py``). The tensors come from a
+:class:`wantrain.formats.sources.TensorSource`: the Diffusers shards, or an
+original single file (ComfyUI's) with its names converted and fp8 scales applied.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -24,18 +25,22 @@ from typing import Iterable, Mapping
 import torch
 
 from wantrain.errors import ModelError, ProfileProblem
+from wantrain.formats.sources import (  # noqa: F401 - the file helpers, re-exported
+    INDEX_FILE, SINGLE_FILE, read_config, read_tensors, subfolder_file, tensor_source, weight_map)
 from wantrain.model import build_empty
+
+from . import uint4
 
 log = logging.getLogger("wantrain.quant")
 
-TRANSFORMER_QTYPES = ("none", "qfloat8", "qint8", "qint4", "qint4+ara")
+TRANSFORMER_QTYPES = ("none", "qfloat8", "qint8", "qint4", "qint4+ara", "uint4", "uint4+ara")
+#: the 4-bit grids an ARA is made against (written into ARA file metadata)
+GRIDS = {"qint4": "quanto-qint4-g128", "uint4": "torchao-uint4-g64"}
 TEXT_ENCODER_QTYPES = ("none", "qfloat8", "qint8")
 #: kept in high precision by default: embeddings (patch, text, time), the
 #: modulation (time projection, ``scale_shift_table`` -- a parameter, never
 #: quantized), every norm, and the output head.
 DEFAULT_EXCLUDE = ("patch_embedding", "condition_embedder.*", "*norm*", "proj_out")
-SINGLE_FILE = "diffusion_pytorch_model.safetensors"
-INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -55,68 +60,12 @@ def excluded(name: str, patterns: Iterable[str]) -> bool:
 # ---------------------------------------------------------------- files
 
 
-def subfolder_file(source, subfolder: str, filename: str) -> Path | None:
-    """A file of the model (local folder or hub), or None when it does not exist."""
-    if source.local:
-        path = Path(source.local) / subfolder / filename
-        return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(source.repo, f"{subfolder}/{filename}", revision=source.revision))
-    except EntryNotFoundError:
-        return None
-
-
-def read_config(source, subfolder: str) -> dict:
-    path = subfolder_file(source, subfolder, "config.json")
-    if path is None:
-        raise ModelError(ProfileProblem("model.name_or_path", f"has no {subfolder}/config.json", source.spec))
-    return json.loads(path.read_text())
-
-
-def weight_map(source, subfolder: str) -> dict[str, Path]:
-    """``{tensor name: shard path}`` for a sharded or single-file subfolder."""
-    index = subfolder_file(source, subfolder, INDEX_FILE)
-    if index is not None:
-        names = json.loads(index.read_text())["weight_map"]
-        shards = {shard: subfolder_file(source, subfolder, shard) for shard in sorted(set(names.values()))}
-        return {key: shards[shard] for key, shard in names.items()}
-    single = subfolder_file(source, subfolder, SINGLE_FILE)
-    if single is None:
-        raise ModelError(ProfileProblem("model.name_or_path", f"has no safetensors weights in {subfolder}/", source.spec))
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as fh:
-        return {key: single for key in fh.keys()}
-
-
 def fingerprint(files: Iterable[Path]) -> str:
     """Identifies the weights an SVD cache was computed from (names and sizes)."""
     h = hashlib.sha256()
     for f in sorted({Path(p) for p in files}):
         h.update(f"{f.name}:{f.stat().st_size};".encode())
     return h.hexdigest()[:16]
-
-
-def read_tensors(keys: Iterable[str], files: Mapping[str, Path]) -> dict[str, torch.Tensor]:
-    """Read ``keys`` into memory of their own, opening each shard once and
-    closing it right after, so no file stays mapped into this process."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[str]] = {}
-    for key in keys:
-        by_file.setdefault(files[key], []).append(key)
-    out = {}
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as fh:
-            for key in names:
-                # a copy: safetensors may hand out views of its file mapping,
-                # and one small tensor kept (a bias) would keep the whole
-                # shard mapped and its pages in this process's RSS
-                out[key] = fh.get_tensor(key).clone()
-    return out
 
 
 # ---------------------------------------------------------------- the loader
@@ -154,20 +103,30 @@ def quantize_linears(
         if type(sub) is torch.nn.Linear and not excluded(full, exclude):
             names.append(name)
             originals[full] = sub.weight.detach()
-    if names:
+    if names and qtype.split("+")[0] == "uint4":
+        for name in names:  # torchao's grid, in a Linear subclass of ours (see uint4.py)
+            parent, _, child = name.rpartition(".")
+            owner = module.get_submodule(parent) if parent else module
+            setattr(owner, child, uint4.UInt4Linear.from_linear(owner.get_submodule(child)))
+    elif names:
         quantize(module, weights=quanto_qtype(qtype), include=names)
         for name in names:
             freeze(module.get_submodule(name))
     return originals
 
 
+def planned_linears(module: torch.nn.Module, exclude: Iterable[str]) -> list[str]:
+    """The linear layers :func:`quantize_linears` will quantize (works on ``meta``)."""
+    return [n for n, sub in module.named_modules() if type(sub) is torch.nn.Linear and not excluded(n, exclude)]
+
+
 def quantized_linears(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, QLinear)`` pairs, peft wrappers looked through."""
+    """``(name, QLinear | UInt4Linear)`` pairs, peft wrappers looked through."""
     from optimum.quanto.nn import QLinear
 
     out = []
     for name, sub in module.named_modules():
-        if isinstance(sub, QLinear):
+        if isinstance(sub, (QLinear, uint4.UInt4Linear)):
             out.append((name.replace(".base_layer", ""), sub))
     return out
 
@@ -190,8 +149,8 @@ def load_quantized_expert(
     """
     exclude = tuple(exclude)
     _glibc_mmap_large_allocations()
-    module = build_empty(read_config(source, subfolder))
-    files = weight_map(source, subfolder)
+    files = tensor_source(source, subfolder)  # Diffusers shards, or an original single file (names converted)
+    module = build_empty(files.config())
     expected = set(module.state_dict().keys())
     unknown = sorted(set(files) - expected)
     if unknown:
@@ -204,7 +163,7 @@ def load_quantized_expert(
         m = _BLOCK.match(key)
         (groups.setdefault(int(m.group(1)), []) if m else rest).append(key)
     if ara is not None:
-        ara.begin(files.values())
+        ara.begin(files.values(), planned_linears(module, exclude))
     _load_group(module, "", rest, files, dtype, qtype, exclude, ara)
     for i, block in enumerate(module.blocks):
         _load_group(block, f"blocks.{i}.", groups.get(i, []), files, dtype, qtype, exclude, ara)
@@ -248,7 +207,7 @@ def _load_group(module, prefix, keys, files, dtype, qtype, exclude, ara) -> None
     # outside the blocks (prefix ""), the blocks themselves are still on meta
     skip = ("blocks.",) if prefix == "" else ()
     for layer, layer_keys in _by_layer(keys, prefix).items():
-        tensors = read_tensors(layer_keys, files)
+        tensors = files.read(layer_keys)
         materialise(module, {k[len(prefix):]: v for k, v in tensors.items()}, dtype)
         del tensors
         originals = quantize_linears(module, qtype, exclude, prefix=prefix, skip=skip, only=layer)
