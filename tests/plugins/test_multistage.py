@@ -135,3 +135,45 @@ def test_boundary_moves_the_expert_ranges(profile_data, tmp_path):
     lows = [t for _, e, ts in rec.micro if e == L for t in ts]
     assert min(highs) >= 500 and max(lows) < 500
     assert min(highs) < 875  # the high-noise expert now trains below the model's own boundary
+
+
+# ------------------------------------------------ per-expert settings
+
+
+def test_each_expert_trains_in_its_own_param_group_at_its_own_lr(profile_data, tmp_path):
+    """One optimizer param group per expert, each at its lr (base lr of the
+    schedule too); the step count, the timestep range and the logged lr follow."""
+    per_expert = {H: {"lr": 3e-3, "steps": 1, "t_min": 950.0}, L: {"lr": 5e-4, "t_max": 100.0}}
+    run, rec = _train(profile_data, tmp_path, {"switch_every": 1, "per_expert": per_expert},
+                      lr=1e-3, steps=4, lr_scheduler="cosine")
+    groups = run.optimizer.param_groups
+    assert [g["expert"] for g in groups] == [H, L]
+    assert [g["initial_lr"] for g in groups] == [3e-3, 5e-4]
+    assert run.lr_scheduler.base_lrs == [3e-3, 5e-4]
+    assert [{id(p) for p in g["params"]} for g in groups] == [{id(p) for p in run.lora_parameters[e]} for e in (H, L)]
+    assert rec.steps == [H, L, L, L]  # high noise: 1 step; the rest to low noise
+    for step, expert, ts in rec.micro:
+        assert all((950 <= t <= 1000) if expert == H else (0 <= t <= 100) for t in ts), (expert, ts)
+    assert run.last_metrics["lr"] == pytest.approx(groups[1]["lr"])
+
+
+def test_quota_schedules_take_turns_and_respect_counts():
+    assert ms.quota_schedule([H, L], {H: 2, L: 6}, 2, 8) == [H, H, L, L, L, L, L, L]
+    assert ms.quota_schedule([H, L], {H: 3, L: 3}, 1, 6) == [H, L, H, L, H, L]
+    assert ms.squeeze(875.0, 875.0, 1000.0, 950.0, 1000.0) == 950.0
+    assert ms.squeeze(1000.0, 875.0, 1000.0, 950.0, 1000.0) == 1000.0
+
+
+def test_per_expert_mistakes_are_one_line_each(profile_data):
+    from wantrain.run import open_run
+
+    profile_data["plugins"] = {"enabled": ["multistage"], "multistage": {"per_expert": {
+        H: {"lr": -1.0, "steps": 2, "share": 0.5}, "mid": {"lr": 1e-4}, L: {"t_min": 300.0, "t_max": 200.0}}}}
+    with pytest.raises(ProfileError) as info:
+        open_run(load_profile(data=profile_data), purpose="inspect")
+    text = str(info.value)
+    for line in ("plugins.multistage.per_expert.high_noise.lr: must be greater than 0",
+                 "plugins.multistage.per_expert.high_noise: sets both steps and share",
+                 "plugins.multistage.per_expert.mid: is not an expert",
+                 "plugins.multistage.per_expert.low_noise.t_min: must be below t_max"):
+        assert line in text, text

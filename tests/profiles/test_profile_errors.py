@@ -36,7 +36,7 @@ def test_valid_minimal_profile_gets_defaults():
         ("job.name=3", 'error: job.name: expected a string (got 3); write a quoted string such as "text"'),
         ("training.lr=true", "error: training.lr: expected a number (got true); write a number such as 0.5"),
         ("training.optimizr=\"adam\"", "error: training.optimizr: unknown key (got 'adam'); did you mean 'optimizer'?"),
-        ('training.optimizer="adam"', "error: training.optimizer: must be one of 'adamw', 'adamw8bit', 'adafactor' (got 'adam'); did you mean 'adamw'?"),
+        ('training.optimizer="adam"', "error: training.optimizer: must be one of 'adamw', 'adamw8bit', 'adafactor', 'prodigy', 'came', 'adamw_schedulefree' or \"module:Class\" (got 'adam'); did you mean 'adamw'?"),
         ("target.rank=0", "error: target.rank: must be greater than 0 (got 0); use a positive number"),
         ("datasets[0].num_frames=10", "error: datasets[0].num_frames: must be 1 or 4n+1 (Wan's VAE packs 4 frames per latent frame) (got 10); use 9 or 13"),
         ("datasets[0].caption_dropout=1.5", "error: datasets[0].caption_dropout: must be in [0, 1] (got 1.5); pick a value in [0, 1]"),
@@ -110,5 +110,5 @@ def test_cli_prints_lines_exit_2_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: training.steps: expected an integer (got 1.5); write a whole number such as 200",
-        "error: training.optimizer: must be one of 'adamw', 'adamw8bit', 'adafactor' (got 'sgd'); use one of 'adamw', 'adamw8bit', 'adafactor'",
+        "error: training.optimizer: must be one of 'adamw', 'adamw8bit', 'adafactor', 'prodigy', 'came', 'adamw_schedulefree' or \"module:Class\" (got 'sgd'); use one of 'adamw', 'adamw8bit', 'adafactor', 'prodigy', 'came', 'adamw_schedulefree', or \"module:Class\" such as \"torch.optim:SGD\"",
     ]
