@@ -1,42 +1,71 @@
-"""One training step of the real-size Wan 2.2 A14B expert on a GPU: seconds
-per step, peak VRAM, and the fraction of the card's FLOP limit.
+"""Training steps of the real-size Wan 2.2 A14B expert on one GPU: seconds per
+step, peak VRAM, the fraction of the card's FLOP limit, and ``wantrain
+estimate``'s peak for the same run -- with torch.compile off and on (regional:
+each block compiled, one graph reused by all 40) and with each attention
+backend that trains on this machine (``[model] attention``, wantrain.attention).
+
+    python benchmarks/gpu_step.py [--wheels DIR] [--steps 2] [--budget 540]
+    python benchmarks/gpu_step.py --smoke        # the same code on the CPU, tiny shapes (no GPU needed)
 
 The expert has the A14B architecture (dim 5120, 40 blocks, 40 heads x 128,
 ffn 13824) with random bf16 weights made block by block on the GPU (no
 download), quantized to qint4 with an SVD accuracy-recovery adapter (rank
-16), a rank-16 fp32 LoRA on the ten usual targets, gradient checkpointing,
-AdamW; input 512x512x33 frames (9216 video tokens) and 512 text tokens.
-Configurations: all blocks resident, and layer offloading (a fraction of the
-blocks streamed from pinned host memory with prefetch, ``--layers``).
+16), a rank-16 LoRA on the ten usual targets (fp32 masters, bf16 compute),
+gradient checkpointing, AdamW; 512 cached text tokens. Sizes: 512x512x33
+(9,216 video tokens); 1024x1024x81 (86,016) too on cards of 80 GB or more.
 
-FLOP per step: counted from the shapes (linear layers, self- and
-cross-attention; forward + recompute + 2x backward with checkpointing), next
-to the ~1.0e15 the design assumes. Fraction = FLOP / (seconds x the card's
-dense bf16 peak: 989e12 for H100/H200 SXM, or ``--peak-tflops``).
+One script, within ten minutes on an H100/H200: ``--wheels DIR`` first
+installs, from local wheel files only (``pip --no-index --find-links``),
+whatever of wantrain's needs and the optional kernels (flash-attn, xformers)
+is missing and present there; each configuration runs one warm-up step and
+``--steps`` timed steps; configurations left when ``--budget`` seconds have
+passed are listed as skipped. The 1024 size runs the ``auto`` backend only.
 
-    .venv/bin/python benchmarks/gpu_step.py [--steps 3] [--layers 0.0 0.5] [--rank 16]
-
-Needs CUDA; exits with a message otherwise. About 3-5 minutes on one H100.
+FLOP per step: counted from the shapes (linears, self- and cross-attention;
+forward + recompute + 2x backward with checkpointing). Fraction = FLOP /
+(seconds x the card's dense bf16 peak: 989e12 for H100/H200, or
+``--peak-tflops``). Estimate = the training phase of ``wantrain estimate`` for
+the same settings, without its 1.5 GiB CUDA-context allowance
+(``max_memory_allocated`` does not see the context).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+NEEDS = {"diffusers": "diffusers", "peft": "peft", "optimum.quanto": "optimum-quanto", "accelerate": "accelerate"}
+OPTIONAL = {"flash_attn": "flash-attn", "xformers": "xformers"}
+SMOKE = {"num_attention_heads": 2, "attention_head_dim": 128, "ffn_dim": 512, "num_layers": 2}
 
-def build_expert(device: torch.device, ara_rank: int, seed: int = 0) -> torch.nn.Module:
-    """A14B expert, random weights, each block made on the GPU then quantized."""
+
+def install_from_wheels(wheels: Path) -> None:
+    """pip-install, from ``wheels`` only, what is missing (needed, then optional kernels)."""
+    for names, required in ((NEEDS, True), (OPTIONAL, False)):
+        missing = [pkg for mod, pkg in names.items() if importlib.util.find_spec(mod.split(".")[0]) is None
+                   or (mod == "optimum.quanto" and importlib.util.find_spec("optimum") is None)]
+        for pkg in missing:
+            cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), pkg]
+            ok = subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+            print(f"install {pkg} from {wheels}: {'ok' if ok else 'not there' + (' (required)' if required else '')}")
+    importlib.invalidate_caches()
+
+
+def build_expert(config: dict, device: torch.device, ara_rank: int, seed: int = 0) -> torch.nn.Module:
+    """The expert of ``config``, random bf16 weights made block by block on ``device``, each block quantized
+    to qint4 with an SVD ARA as it is made (the whole bf16 expert never exists)."""
     from accelerate.utils import set_module_tensor_to_device
 
     from wantrain import model
-    from wantrain.commands.estimate import A14B_TRANSFORMER
     from wantrain.plugins.quantize import ara, loader
 
-    module = model.build_empty(A14B_TRANSFORMER)
+    module = model.build_empty(config)
     g = torch.Generator(device).manual_seed(seed)
 
     def fill(sub: torch.nn.Module, prefix: str, recurse: bool = True) -> None:
@@ -64,11 +93,10 @@ def build_expert(device: torch.device, ara_rank: int, seed: int = 0) -> torch.nn
     return module.to(device).requires_grad_(False)
 
 
-def flop_per_step(tokens: int, text: int, checkpointing: bool, dim=5120, ffn=13824, blocks=40) -> float:
+def flop_per_step(tokens: int, text: int, checkpointing: bool, dim: int, ffn: int, blocks: int) -> float:
     linear = 2 * tokens * (4 * dim * dim + 2 * dim * dim + 2 * dim * ffn) + 2 * text * 2 * dim * dim
     attention = 4 * tokens * tokens * dim + 4 * tokens * text * dim
-    forward = blocks * (linear + attention)
-    return forward * (4 if checkpointing else 3)
+    return blocks * (linear + attention) * (4 if checkpointing else 3)
 
 
 def peak_flops(name: str, override: float | None) -> float:
@@ -77,106 +105,134 @@ def peak_flops(name: str, override: float | None) -> float:
     return 989e12 if any(k in name for k in ("H100", "H200", "H800", "GH200")) else float("nan")
 
 
-def run_config(module, params, layers: float, steps: int, device, inputs) -> tuple[float, float]:
-    sys.path.insert(0, ".")
-    from wantrain.plugins.offload import streamed_blocks
-    from wantrain.plugins.offload.moves import BlockStreamer, ExpertHome
+def estimate_gib(size: int, frames: int, rank: int, config: dict) -> float:
+    """``wantrain estimate``'s training-phase GPU peak for this run, less the CUDA-context allowance."""
+    from wantrain.commands import estimate as est
+    from wantrain.plugins.quantize import WEIGHT_BYTES, loader
+    from wantrain.profile import LORA_MODULES
 
-    streamer = None
-    if layers > 0:
-        home = ExpertHome("high_noise", module, pin=True, real=True)
-        home.streamed = set(streamed_blocks(len(module.blocks), layers))
-        home.index_blocks()
-        placement: dict = {}
-        for i in home.streamed:  # the streamed blocks' frozen weights go to pinned host memory
-            for owner, slot, kind in home.block_slots(i):
-                from wantrain.plugins.offload.moves import put
+    s = est.Settings(dtype="bf16", weight_bytes=WEIGHT_BYTES["qint4+ara"], weight_format="qint4+ara",
+                     quantize_exclude=loader.DEFAULT_EXCLUDE, ara_rank=rank, rank=rank, modules=LORA_MODULES,
+                     frames=frames, height=size, width=size, experts=1, experts_trained=1, checkpointing=True,
+                     text_states_cached=True, text_encoder_unloaded=True, latents_cached=True)
+    e = est.estimate(s, config)
+    training = ("transformer weights", "ARA", "streamed", "LoRA", "activations", "text encoder", "VAE")
+    return sum(gpu for item, gpu, _, _ in e.rows if item.startswith(training))
 
-                put(owner, slot, kind, home.host(owner, slot))
-        streamer = BlockStreamer(home, device, placement, prefetch=True)
+
+def inputs(size: int, frames: int, device: torch.device, text_dim: int = 4096):
+    lat_f, lat = (frames - 1) // 4 + 1, size // 8
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, 16, lat_f, lat, lat, generator=g, device=device, dtype=torch.bfloat16)
+    text = torch.randn(1, 512, text_dim, generator=g, device=device, dtype=torch.bfloat16)
+    target = torch.randn(x.shape, generator=g, device=device)
+    return (x, torch.tensor([700.0], device=device), text, target), lat_f * lat * lat // 4
+
+
+def set_compiled(module: torch.nn.Module, on: bool) -> None:
+    """Regional compilation: each block its own compiled forward (one graph, reused by every block)."""
+    for block in module.blocks:
+        if on:
+            block.compile()
+        elif getattr(block, "_compiled_call_impl", None) is not None:
+            block._compiled_call_impl = None
+
+
+def timed_steps(module, params, data, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per step after one warm-up, peak GiB allocated)."""
+    cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x, t, text, target = inputs
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
+    x, t, text, target = data
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(steps + 1):
         t0 = time.perf_counter()
         pred = module(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
-        loss.backward()
-        if streamer is not None:
-            streamer.reset()
+        torch.nn.functional.mse_loss(pred.float(), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if step > 0:  # the first step warms up kernels and allocator
+        if cuda:
+            torch.cuda.synchronize()
+        if step > 0:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    if streamer is not None:
-        streamer.reset()
-        for i in streamer.order:  # back on the device for the next configuration
-            for owner, slot, kind in streamer.home.block_slots(i):
-                from wantrain.plugins.offload.moves import put, to_device
-
-                put(owner, slot, kind, to_device(streamer.home.host(owner, slot), device))
-        streamer.remove()
-    del opt
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     return sum(times) / len(times), peak
 
 
-def main() -> int:
+def plan(device: torch.device, smoke: bool, big: bool) -> list[tuple[int, int, str, bool]]:
+    """(size, frames, attention, compile) configurations, the most informative first."""
+    from wantrain import attention
+
+    dtype = torch.bfloat16
+    backends = [n for n in attention.BACKENDS if attention.unusable(n, device, dtype, training=True) is None]
+    auto = attention.resolve("auto", device, dtype)
+    size, frames = (64, 5) if smoke else (512, 33)
+    configs = [(size, frames, auto, False), (size, frames, auto, True)]
+    configs += [(size, frames, b, c) for b in backends if b != auto for c in (False, True)]
+    if big:
+        configs += [(1024, 81, auto, False), (1024, 81, auto, True)]
+    return configs
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=3, help="measured steps per configuration (after one warm-up step)")
-    ap.add_argument("--layers", type=float, nargs="+", default=[0.0, 0.5], help="layer offloading fractions to measure")
+    ap.add_argument("--wheels", type=Path, help="a folder of wheel files to install missing packages from (no index)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after one warm-up step)")
+    ap.add_argument("--budget", type=float, default=540, help="seconds after which remaining configurations are skipped")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--frames", type=int, default=33)
-    ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not an H100/H200")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_step.py needs a CUDA GPU (none found); nothing measured. "
-              "Use `wantrain estimate PROFILE --vram-gb N` for memory figures without a GPU.")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing real")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    if args.wheels:
+        install_from_wheels(args.wheels)
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_step.py needs a CUDA GPU (none found); nothing measured. `--smoke` runs the script on the CPU; "
+              "`wantrain estimate PROFILE --vram-gb N` gives memory figures without a GPU.")
         return 1
-    from wantrain import estimate as est
+    from wantrain import attention
+    from wantrain.commands.estimate import A14B_TRANSFORMER
     from wantrain.lora import attach_lora
     from wantrain.profile import LORA_MODULES
 
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    t0 = time.perf_counter()
-    module = build_expert(device, args.rank)
+    config = {**A14B_TRANSFORMER, **SMOKE} if args.smoke else A14B_TRANSFORMER
+    device = torch.device("cpu" if args.smoke else "cuda")
+    name = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(device)
+    big = not args.smoke and torch.cuda.get_device_properties(device).total_memory >= 79 * 2**30
+    module = build_expert(config, device, args.rank)
     params = attach_lora(module, args.rank, float(args.rank), LORA_MODULES, seed=0)
     module.enable_gradient_checkpointing()
     module.train()
-    build_s = time.perf_counter() - t0
-    lat_f, lat = (args.frames - 1) // 4 + 1, args.size // 8
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(1, 16, lat_f, lat, lat, generator=g, device=device, dtype=torch.bfloat16)
-    inputs = (x, torch.tensor([700.0], device=device),
-              torch.randn(1, 512, 4096, generator=g, device=device, dtype=torch.bfloat16),
-              torch.randn(x.shape, generator=g, device=device))
-    tokens = lat_f * lat * lat // 4
-    flop = flop_per_step(tokens, 512, True)
+    dim, ffn, blocks = (config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"],
+                        config["num_layers"])
     limit = peak_flops(name, args.peak_tflops)
-    settings = est.Settings(transformer="qint4+ara", rank=args.rank, modules=LORA_MODULES, frames=args.frames,
-                            height=args.size, width=args.size, experts=1, text_cache=True, latent_cache=True)
-    print(f"device: {name}; expert built (random A14B, qint4 + SVD ARA r{args.rank}) in {build_s:.0f} s; "
-          f"{tokens} video tokens; FLOP/step {flop:.3g} (design: ~1.0e15)")
-    print(f"{'layers offloaded':>16} {'s/step':>8} {'peak VRAM GiB':>14} {'estimate GiB':>13} {'FLOP fraction':>14}")
-    for layers in args.layers:
-        seconds, peak = run_config(module, params, layers, args.steps, device, inputs)
-        e = est.estimate(attrs_evolve(settings, offload_layers=layers), est.A14B_TRANSFORMER, suggest=False)
-        predicted = e.gpu_peak - est.CUDA_OVERHEAD_GIB
-        print(f"{layers:>16.2f} {seconds:>8.2f} {peak:>14.2f} {predicted:>13.2f} {flop / seconds / limit:>14.1%}")
-    print("estimate = wantrain estimate's training peak without its 1.5 GiB CUDA context allowance "
-          "(max_memory_allocated does not see the context)")
+    print(f"device: {name}; expert built (random A14B shape, qint4 + SVD ARA r{args.rank}, LoRA r{args.rank}) "
+          f"in {time.perf_counter() - start:.0f} s")
+    print(f"{'size':>14} {'attention':>14} {'compile':>7} {'s/step':>8} {'peak GiB':>9} {'estimate GiB':>13} "
+          f"{'FLOP frac':>9}")
+    for size, frames, backend, compiled in plan(device, args.smoke, big):
+        label = f"{size}x{size}x{frames}"
+        if time.perf_counter() - start > args.budget:
+            print(f"{label:>14} {backend:>14} {str(compiled):>7}  skipped (budget of {args.budget:.0f} s spent)")
+            continue
+        data, tokens = inputs(size, frames, device, config.get("text_dim", 4096))
+        try:
+            attention.apply(module, backend, device, torch.bfloat16)
+            set_compiled(module, compiled)
+            seconds, peak = timed_steps(module, params, data, args.steps, device)
+        except Exception as exc:  # a backend or compile failing on this card is a result, not the end
+            print(f"{label:>14} {backend:>14} {str(compiled):>7}  failed: {str(exc).strip().splitlines()[0][:120]}")
+            continue
+        finally:
+            set_compiled(module, False)
+        flop = flop_per_step(tokens, 512, True, dim, ffn, blocks)
+        predicted = estimate_gib(size, frames, args.rank, config)
+        print(f"{label:>14} {backend:>14} {str(compiled):>7} {seconds:>8.2f} {peak:>9.2f} {predicted:>13.2f} "
+              f"{flop / seconds / limit:>9.1%}")
+    print(f"total {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def attrs_evolve(obj, **changes):
-    import attrs
-
-    return attrs.evolve(obj, **changes)
 
 
 if __name__ == "__main__":

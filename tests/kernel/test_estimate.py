@@ -35,17 +35,18 @@ def test_counts_checked_by_hand():
 def test_activations_checked_by_hand():
     s = est.Settings(dtype="bf16", modules=LORA_MODULES, frames=33, height=512, width=512)
     per_token, per_text = est.block_activation_bytes(s, 16, 32)
-    # bf16 with fp32 LoRA on all ten targets: 80 d + 8 f per video token, 20 d per text token
-    assert (per_token, per_text) == (80 * 16 + 8 * 32, 20 * 16)
+    # bf16, the LoRA computing in bf16 on all ten targets (rank 16): 42 d + 4 f per video token, the fp32
+    # rope cos/sin (1024) and norm statistics (36), 8 lora_A outputs; 10 d per text token (+ 2 lora_A, rstd)
+    assert (per_token, per_text) == (42 * 16 + 4 * 32 + 1024 + 36 + 8 * 2 * 16, 10 * 16 + 2 * 2 * 16 + 4)
     assert est.video_tokens(s, 4) == 9 * 64 * 64 // 4 == 9216
     c = est.count_transformer(HAND, False, (), LORA_MODULES)
     outside, work = 9216 * 8 * 16, 9216 * (16 * 16 + 4 * 32)
-    assert est.activation_bytes(s, c) == 1 * 9216 * 2 * 16 + 9216 * 1536 + 512 * 320 + outside + work
+    assert est.activation_bytes(s, c) == 1 * 9216 * 2 * 16 + 9216 * per_token + 512 * per_text + outside + work
     no_ckpt = est.Settings(dtype="bf16", modules=LORA_MODULES, checkpointing=False)
-    assert est.activation_bytes(no_ckpt, c) == 9216 * 1536 + 512 * 320 + outside + work
-    # an fp32 model has no LoRA input casts: 4 bytes everywhere instead
+    assert est.activation_bytes(no_ckpt, c) == 9216 * per_token + 512 * per_text + outside + work
+    # an fp32 model: 4 bytes everywhere
     fp32 = est.Settings(dtype="fp32", modules=LORA_MODULES)
-    assert est.block_activation_bytes(fp32, 16, 32)[0] == (4 + 4 + 16 + 16 + 4) * 16 + (4 + 4 + 8 + 8 + 4) * 16 + 8 * 16 + 8 * 32
+    assert est.block_activation_bytes(fp32, 16, 32)[0] == (32 + 20 + 8) * 16 + 8 * 32 + 1024 + 36 + 8 * 4 * 16
 
 
 def test_a14b_config_counts_14b_per_expert():
