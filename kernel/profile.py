@@ -244,8 +244,8 @@ class DatasetConfig:
     flip_x: bool = False
     flip_y: bool = False
     is_regularization: bool = False
-    #: "validation": held out of training, measured by the validation plugin (docs/plugins/validation.md)
-    role: str = attrs.field(default="train", validator=one_of("train", "validation"))
+    #: "held_out": never trained on (a plugin may measure it, e.g. docs/plugins/validation.md)
+    role: str = attrs.field(default="train", validator=one_of("train", "held_out"))
     #: prior preservation: the loss of this dataset's batches is multiplied by it (regularization datasets only)
     prior_loss_weight: float = attrs.field(default=1.0, validator=non_negative)
     cache_latents: bool = False

@@ -5,7 +5,7 @@ step); this plugin measures the same flow-matching loss on items the run
 never trains on, under conditions that never change, so the curve is
 comparable across steps -- and across runs of the same data:
 
-- **held-out items**: every item of a dataset marked ``role = "validation"``
+- **held-out items**: every item of a dataset marked ``role = "held_out"``
   (the kernel leaves such datasets out of training), and/or a ``fraction`` of
   the training datasets' files, picked by a hash of the file name (the same
   files whatever the seed; at least one when the fraction is above 0, never
@@ -63,14 +63,14 @@ from wantrain.run import Run
 
 log = logging.getLogger("wantrain.validation")
 
-ROLE = "validation"
+ROLE = "held_out"
 
 
 @attrs.frozen(kw_only=True)
 class Config:
     #: optimizer steps between validations
     every: int = attrs.field(default=100, validator=positive)
-    #: share of each training dataset's files held out (0: only role = "validation" datasets)
+    #: share of each training dataset's files held out (0: only role = "held_out" datasets)
     fraction: float = attrs.field(default=0.0, validator=in_range(0.0, 0.5))
     #: most held-out items measured
     max_items: int = attrs.field(default=16, validator=positive)
@@ -112,7 +112,7 @@ class Plugin:
     def check_profile(self, profile):
         if self.config.fraction == 0 and not any(ds.role == ROLE for ds in profile.datasets):
             return [ProfileProblem("plugins.validation", "has no held-out items",
-                                   fix='mark a [[datasets]] role = "validation", or set fraction = 0.1')]
+                                   fix='mark a [[datasets]] role = "held_out", or set fraction = 0.1')]
         return []
 
     # ------------------------------------------------------------ the items

@@ -394,7 +394,7 @@ def build_train_data(profile: Profile, *, seed: int, num_workers: int = 0) -> Tr
     datasets, report, problems = scan_profile(profile)
     if problems:
         raise DataError(problems)
-    datasets = [ds for ds in datasets if ds.config.role == "train"]  # others are held out (validation)
+    datasets = [ds for ds in datasets if ds.config.role == "train"]  # "held_out" datasets are for plugins to measure
     from ..distributed import data_rank, data_world
 
     return TrainData(datasets, report, seed=seed, trigger_word=profile.job.trigger_word, num_workers=num_workers,

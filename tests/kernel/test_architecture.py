@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "kernel"
 #: the resume folder ``<output_dir>/checkpoints/`` is the kernel's (DESIGN's
 #: file layout), not the ``checkpoints`` plugin
-ALLOWED = {("state.py", "checkpoints"), ("profile.py", "validation")}  # + a dataset's role = "validation"
+ALLOWED = {("state.py", "checkpoints")}
 
 
 def _string_literals(path: Path):

@@ -311,7 +311,7 @@ def test_validation_measures_image_to_video_from_the_start_frame(tiny_models, on
         "target": {"rank": 4, "alpha": 4},
         "training": {"steps": 2, "lr": 1e-3, "num_workers": 0},
         "datasets": [{"folder": str(one_clip), "resolutions": [64], "num_frames": 9},
-                     {"folder": str(held), "resolutions": [64], "num_frames": 9, "role": "validation"}],
+                     {"folder": str(held), "resolutions": [64], "num_frames": 9, "role": "held_out"}],
         "plugins": {"enabled": ["validation"], "validation": {"every": 2, "timesteps": 2}},
     }
     run = train(load_profile(data=data))

@@ -1,4 +1,4 @@
-"""validation: held-out items (a role = "validation" dataset, or a fraction of
+"""validation: held-out items (a role = "held_out" dataset, or a fraction of
 the training files, never trained on), fixed timesteps and noise, the
 metrics in TensorBoard and validation.jsonl, the best pair -- and measuring
 never changes the run."""
@@ -33,7 +33,7 @@ def test_a_validation_run_logs_comparable_losses_and_never_changes_training(prof
     reference = {e: load_file(str(plain.output_dir / f"t_{e}.safetensors")) for e in ("high_noise", "low_noise")}
     profile_data["job"]["output_dir"] = str(tmp_path / "val_out")
     profile_data["datasets"].append({**profile_data["datasets"][0], "folder": str(_held_out_folder(demo_data, tmp_path)),
-                                     "role": "validation"})
+                                     "role": "held_out"})
     profile_data["plugins"] = {"enabled": ["validation", "tensorboard"],
                                "validation": {"every": 2, "timesteps": 2, "best": True}}
     run = train(load_profile(data=profile_data))
