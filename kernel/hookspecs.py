@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .run import Run, StepContext
     from .data import Batch
     from .errors import ProfileProblem
-    from .profile import Profile
+    from .profile import Profile, TargetConfig
 
 
 # ---------------------------------------------------------------- setup
@@ -74,6 +74,17 @@ def trained_experts(profile: "Profile") -> "list[str] | None":
 
     :return: *first result* -- a list drawn from ``"high_noise"``,
         ``"low_noise"``. Kernel fallback: both.
+    """
+
+
+@hookspec(firstresult=True)
+def expert_target(profile: "Profile", expert: str, target: "TargetConfig") -> "TargetConfig | None":
+    """The adapter settings of one trained ``expert``: ``target`` is ``[target]``;
+    answer a copy (``attrs.evolve``) with another ``rank`` / ``alpha`` to give
+    the expert its own. Fires when adapters attach, when LoRA files and
+    checkpoints are written and when a resume is checked. Fallback: ``target``.
+
+    :return: *first result*.
     """
 
 

@@ -51,7 +51,7 @@ def load(run: Run) -> None:
         if p.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()
         seed = p.job.seed + ALL_EXPERTS.index(expert)  # same init whichever experts are trained
-        params = lora.attach_target(module, p.target, seed=seed)
+        params = lora.attach_target(module, run.target(expert), seed=seed)
         run.lora_parameters[expert] = params
         module.train()
     load_init_from(run)  # [target] init_from: start from an existing LoRA

@@ -178,6 +178,6 @@ def load_init_from(run) -> None:
         if w.skipped:
             log.warning("init_from: ignoring %d tensors wantrain does not train (e.g. %s)", len(w.skipped), w.skipped[0])
         _check_layers(run.experts[expert], w, "target.init_from")
-        state = fit_to_target(w, run.profile.target)
+        state = fit_to_target(w, run.target(expert))
         load_lora_state(run.experts[expert], state)
         log.info("init_from: %s starts from %s (%s layout, %d modules)", expert, w.source or path, w.layout, len(w.modules))

@@ -56,7 +56,7 @@ _STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})(?:_(?P<tag>[0-9a-f]{6}))
                         r"(?:_[a-z]+)?\.safetensors$")
 
 #: profile keys whose change makes a checkpoint unusable (prefix match)
-BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "target.lokr_factor", "target.lokr_full_rank", "model.arch",
+BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "target.lokr_factor", "target.lokr_full_rank", "target.experts", "model.arch",
             "model.name_or_path", "training.optimizer", "datasets")
 #: profile keys that do not matter to a resumed run
 IGNORED = ("job.output_dir", "job.device", "target.init_from")
@@ -75,14 +75,19 @@ def step_files(output_dir: Path, name: str, step: int, tag: str = "") -> list[Pa
 # ---------------------------------------------------------------- profile snapshot
 
 
-def profile_snapshot(profile) -> dict[str, Any]:
-    """The effective profile (defaults filled in) as ``{"dotted.key": value}``."""
+def profile_snapshot(profile, targets: dict | None = None) -> dict[str, Any]:
+    """The effective profile (defaults filled in) as ``{"dotted.key": value}``;
+    ``targets`` (expert -> its ``run.target``) adds ``target.experts.<e>.rank`` /
+    ``.alpha`` where they differ from ``[target]``'s."""
     data: dict[str, Any] = {n: attrs.asdict(getattr(profile, n)) for n in ("job", "model", "target", "training")}
     data["datasets"] = [attrs.asdict(d) for d in profile.datasets]
     plugins: dict[str, Any] = {"enabled": list(profile.plugins.enabled)}
     for name, cfg in profile.plugins.configs.items():
         plugins[name] = attrs.asdict(cfg) if attrs.has(type(cfg)) else cfg
     data["plugins"] = plugins
+    own = {e: {k: getattr(t, k) for k in ("rank", "alpha") if getattr(t, k) != getattr(profile.target, k)}
+           for e, t in (targets or {}).items()}
+    data["target"]["experts"] = {e: v for e, v in own.items() if v}
     return _flatten(data, "")
 
 
@@ -212,8 +217,9 @@ def find_checkpoint(run, mode: str = "auto") -> Checkpoint | None:
 
 def check_compatible(run, ckpt: Checkpoint) -> None:
     where = f"checkpoints/{ckpt.path.name}"
-    problems, warnings = compare_profiles(ckpt.state["profile"], profile_snapshot(run.profile), where)
     trained = list(run.pm.hook.trained_experts(profile=run.profile))
+    now = profile_snapshot(run.profile, {e: run.target(e) for e in trained})
+    problems, warnings = compare_profiles(ckpt.state["profile"], now, where)
     if trained != ckpt.state["experts"]:
         problems.append(ProfileProblem("trained experts", f"differ from the checkpoint being resumed ({where} trains "
                                        f"{', '.join(ckpt.state['experts'])})", trained,
@@ -262,7 +268,7 @@ def capture(run) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]
         "experts": list(run.trained),
         "lineage": {"id": run.lineage.id, "resumed_from": run.lineage.resumed_from},
         "written_at": time.time(),  # auto-resume follows the checkpoint written last
-        "profile": profile_snapshot(run.profile),
+        "profile": profile_snapshot(run.profile, {e: run.target(e) for e in run.trained}),
         "tree": encode_tree(tree, tensors),
     }
     weights = {f"{e}.{k}": v for e in run.trained for k, v in lora.lora_state(run.experts[e]).items()}
@@ -290,8 +296,11 @@ def write_state(run, step: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        meta = {"format": "pt", "wantrain.step": str(step), "wantrain.rank": str(run.profile.target.rank),
-                "wantrain.alpha": f"{run.profile.target.alpha:g}", "wantrain.experts": ",".join(run.trained)}
+        meta = {"format": "pt", "wantrain.step": str(step), "wantrain.experts": ",".join(run.trained)}
+        for key in ("rank", "alpha"):  # "16", or "high_noise:16,low_noise:8" when the experts differ
+            own = {e: f"{getattr(run.target(e), key):g}" for e in run.trained}
+            meta[f"wantrain.{key}"] = own[run.trained[0]] if len(set(own.values())) == 1 else \
+                ",".join(f"{e}:{v}" for e, v in own.items())
         state_files.write_files(tmp, doc, tensors, weights, meta)  # each file atomic + fsynced, then the folder
         _commit_dir(tmp, final)
     except BaseException:

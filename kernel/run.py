@@ -120,6 +120,10 @@ class Run:
         """The expert that denoises at ``t`` (one-expert archs: always it)."""
         return self.arch.expert_for(t, self.boundary)
 
+    def target(self, expert: str):
+        """``[target]`` as it applies to ``expert`` (a plugin may give it its own rank / alpha: ``expert_target``)."""
+        return self.pm.hook.expert_target(profile=self.profile, expert=expert, target=self.profile.target)
+
     def require_expert(self, expert: str) -> torch.nn.Module:
         """Load an expert that is not trained (e.g. for previews) on first use."""
         if expert not in self.experts:
@@ -298,6 +302,10 @@ class CoreHooks:
         return list(archs.get(profile.model.arch).experts)
 
     @hookimpl(trylast=True)
+    def expert_target(self, target):
+        return target
+
+    @hookimpl(trylast=True)
     def load_expert(self, run, expert, subfolder):
         return model.load_expert(run.source, expert, run.dtype, subfolder)
 
@@ -336,10 +344,10 @@ class CoreHooks:
 def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None = None) -> dict[str, str]:
     """The ComfyUI-layout files of every trained expert, written atomically
     (``dtype``: "bf16" | "fp16" | "fp32"; None = ``[target] save_dtype``)."""
-    target = run.profile.target
-    dtype = model.DTYPES[dtype or target.save_dtype]
+    dtype = model.DTYPES[dtype or run.profile.target.save_dtype]
+    targets = {e: run.target(e) for e in run.trained}
     with optimizers.eval_weights(run.optimizer):  # schedule-free: its averaged weights are the ones to use
-        states = {e: lora_format.to_comfy(lora.lora_state(run.experts[e]), target.alpha, dtype) for e in run.trained}
+        states = {e: lora_format.to_comfy(lora.lora_state(run.experts[e]), targets[e].alpha, dtype) for e in run.trained}
     st.require_finite({f"{e}.{k}": v for e, s in states.items() for k, v in s.items()}, f"step {run.step}")
     paths = {}
     for expert, state in states.items():
@@ -348,8 +356,8 @@ def write_lora_pair(run: Run, step: int | None, folder: Path, dtype: str | None 
             step=step,
             base_model=run.profile.model.name_or_path,
             trigger_word=run.profile.job.trigger_word,
-            rank=target.rank,
-            alpha=target.alpha,
+            rank=targets[expert].rank,
+            alpha=targets[expert].alpha,
             expert=expert,
             arch=run.arch.name,
         )

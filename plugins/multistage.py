@@ -25,6 +25,8 @@ Events: ``check_profile``, ``trained_experts``, ``after_adapters_attached``
 ``select_expert`` changes.
 
 Per-expert settings (``[plugins.multistage.per_expert.<expert>]``, docs/plugins/multistage.md):
+``rank`` / ``alpha`` (the expert's own adapter settings, answered through
+``expert_target``: its files, checkpoint and resume checks carry them),
 ``lr`` (the expert's optimizer param group -- the kernel makes one group per
 expert -- gets it on ``on_run_start``, after any resume, with the schedule's
 base lr), ``steps`` (a count) or ``share`` (a fraction of ``training.steps``)
@@ -70,6 +72,10 @@ class ExpertSettings:
     #: narrower timestep range within the expert's own, in [0, 1000]
     t_min: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0.0, 1000.0)))
     t_max: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0.0, 1000.0)))
+    #: this expert's adapter rank (default: target.rank)
+    rank: int | None = attrs.field(default=None, validator=positive)
+    #: this expert's adapter alpha, scale = alpha / rank (default: target.alpha)
+    alpha: float | None = attrs.field(default=None, validator=positive)
 
 
 @attrs.frozen(kw_only=True)
@@ -117,11 +123,28 @@ def profile_problems(config: Config, profile) -> list[ProfileProblem]:
             out.append(ProfileProblem(where, "sets both steps and share", s.steps, "keep one"))
         if s.t_min is not None and s.t_max is not None and s.t_min >= s.t_max:
             out.append(ProfileProblem(f"{where}.t_min", f"must be below t_max ({s.t_max:g})", s.t_min, "widen the range"))
+        out += adapter_problems(s, where, profile)
     counts = quotas(config, profile.training.steps)
     if counts and sum(counts.values()) > profile.training.steps:
         out.append(ProfileProblem("plugins.multistage.per_expert", f"steps/share add up to {sum(counts.values())}, "
                                   f"more than training.steps = {profile.training.steps}", fix="lower them"))
     return out
+
+
+def adapter_problems(s: ExpertSettings, where: str, profile) -> list[ProfileProblem]:
+    """A per-expert ``rank`` / ``alpha`` the adapter type has no use for, or a
+    rank wider than the model's layers (read from a local folder)."""
+    from wantrain.archs.checks import check_rank
+
+    target = profile.target
+    if target.type == "lokr" and target.lokr_full_rank and (s.rank is not None or s.alpha is not None):
+        key = "rank" if s.rank is not None else "alpha"
+        return [ProfileProblem(f"{where}.{key}", "has no use: LoKr with a full-rank w2 (target.lokr_full_rank) has no "
+                               "rank or alpha", getattr(s, key), "remove it, or set target.lokr_full_rank = false")]
+    if s.rank is None or not isinstance(s.rank, int):
+        return []
+    return [ProfileProblem(f"{where}.rank", p.what, p.got, p.fix)
+            for p in check_rank(profile.model.name_or_path, s.rank, target.modules)]
 
 
 def quotas(config: Config, total: int) -> dict[str, int]:
@@ -198,11 +221,22 @@ class Plugin:
         return self.config.experts
 
     @hookimpl
-    def estimate_memory(self):
+    def estimate_memory(self, profile):
         trained = self.config.experts
         what = f"one expert trained ({trained[0]}): one LoRA + optimizer state" if len(trained) == 1 else \
             f"both experts trained, switching every {self.config.switch_every} steps"
+        ranks = [getattr(self.config.per_expert.get(e), "rank", None) for e in trained]
+        if any(r is not None for r in ranks):  # each trained expert's LoRA at the widest rank: an upper bound
+            return {"experts_trained": len(trained), "rank": max(r or profile.target.rank for r in ranks), "note": what}
         return {"experts_trained": len(trained), "note": what}
+
+    @hookimpl
+    def expert_target(self, expert, target):
+        s = self.config.per_expert.get(expert)
+        if s is None or (s.rank is None and s.alpha is None):
+            return None
+        return attrs.evolve(target, rank=target.rank if s.rank is None else s.rank,
+                            alpha=target.alpha if s.alpha is None else s.alpha)
 
     @hookimpl
     def after_adapters_attached(self, run: Run):

@@ -473,9 +473,10 @@ def read_checkpoint(folder: str | Path, where: str = "checkpoint",
     doc = state_files.read_doc(folder, where, "give a checkpoints/step_N folder or a LoRA .safetensors file")
     per_expert = weights if weights is not None else state_files.read_weights(folder, doc["experts"])
     profile = doc["profile"]
-    alpha, rank = float(profile["target.alpha"]), int(profile["target.rank"])
     out = {}
-    for expert, tensors in per_expert.items():
+    for expert, tensors in per_expert.items():  # an expert's own rank / alpha (``target.experts.<e>``), else [target]'s
+        alpha = float(profile.get(f"target.experts.{expert}.alpha", profile["target.alpha"]))
+        rank = int(profile.get(f"target.experts.{expert}.rank", profile["target.rank"]))
         meta = metadata(profile_toml="", step=int(doc["step"]), base_model=str(profile.get("model.name_or_path")),
                         trigger_word=profile.get("job.trigger_word"), rank=rank, alpha=alpha, expert=expert,
                         arch=profile.get("model.arch") or DEFAULT_ARCH)
