@@ -57,17 +57,25 @@ def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field): return int(line.split()[1]) * 1024
 folder, qtype, use_ara, tokens, out = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), Path(sys.argv[5])
+base_rss = status("VmRSS")  # the interpreter with torch, diffusers, peft, quanto and torchao imported
 t0 = time.perf_counter()
 plan = ara_mod.AraPlan(qtype + "+ara", 16) if use_ara else None
 m = loader.load_quantized_expert(ModelSource(folder), "transformer", dtype=torch.bfloat16, qtype=qtype, ara=plan)
 load_s = time.perf_counter() - t0
 loaded_rss = status("VmRSS")
-held = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()] if not hasattr(t, "_data"))
-quant = 0
-for _, layer in loader.quantized_linears(m):
-    w = layer.weight
-    quant += sum(x.numel() * x.element_size() for x in (getattr(w, "_data", None), getattr(w, "_scale", None), getattr(w, "_shift", None)) if torch.is_tensor(x))
-ara_bytes = sum(a.down.numel() * a.down.element_size() + a.up.numel() * a.up.element_size() for a in ara_mod.ara_layers(m).values())
+def stored(t, seen):  # bytes t holds: a quantized tensor's inner tensors (packed data, scales), each storage once
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(stored(getattr(t, name), seen) for name in t.__tensor_flatten__()[0])
+    key = t.untyped_storage().data_ptr()
+    if key in seen:
+        return 0
+    seen.add(key)
+    return t.untyped_storage().nbytes()
+seen = set()  # each storage counted once: the ARA's buffers, the quantized layers' own tensors, then the rest
+ara_bytes = sum(stored(a.down, seen) + stored(a.up, seen) for a in ara_mod.ara_layers(m).values())
+quant = sum(stored(t, seen) for _, layer in loader.quantized_linears(m)
+            for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)])
+held = sum(stored(t, seen) for t in [*m.parameters(), *m.buffers()])
 params = attach_lora(m, 16, 16.0, LORA_MODULES, seed=0)
 lora_bytes = sum(p.numel() * 4 for p in params)
 m.enable_gradient_checkpointing(); m.train()
@@ -82,7 +90,7 @@ opt = torch.optim.AdamW(params, lr=1e-4); opt.step()
 step_s = time.perf_counter() - t1
 tensors = comfy_tensors(from_state(lora_state(m), 16.0), torch.bfloat16)
 save_file(tensors, str(out))
-print(json.dumps({"peak": status("VmHWM"), "loaded_rss": loaded_rss, "load_s": load_s, "step_s": step_s,
+print(json.dumps({"peak": status("VmHWM"), "loaded_rss": loaded_rss, "base": base_rss, "load_s": load_s, "step_s": step_s,
                   "tokens": (side // 2) ** 2, "file": out.stat().st_size, "keys": len(tensors), "quant": quant,
                   "ara": ara_bytes, "lora": lora_bytes, "other": held, "ara_layers": len(ara_mod.ara_layers(m))}))
 """
@@ -109,11 +117,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--keep", action="store_true", help="keep the generated expert")
     ap.add_argument("--smoke", action="store_true", help="a two-block narrow expert: checks the script in seconds")
+    ap.add_argument("--layers", type=int, help="full A14B width with this many blocks (the real 40 by default)")
     args = ap.parse_args(argv)
     from wantrain.commands.estimate import A14B_TRANSFORMER
 
     config = {**A14B_TRANSFORMER, **SMOKE} if args.smoke else dict(A14B_TRANSFORMER)
-    folder = args.dir.with_name(args.dir.name + "_smoke") if args.smoke else args.dir
+    if args.layers:
+        config["num_layers"] = args.layers
+    folder = args.dir.with_name(args.dir.name + ("_smoke" if args.smoke else f"_{args.layers}blocks" if args.layers else ""))
     free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path("/")).free / G
     print(f"expert: {folder} ({'smoke' if args.smoke else 'A14B'} config); free disk {free:.0f} GiB "
           f"(full size needs ~27 GiB)")
@@ -124,7 +135,9 @@ def main(argv=None) -> int:
     bf16 = sum(f.stat().st_size for f in (folder / "transformer").glob("*.safetensors"))
     print(f"bf16 expert on disk: {bf16 / G:.2f} GiB (written / found in {time.perf_counter() - t0:.0f} s)")
     print(f"{'config':<12} {'load s':>7} {'ARA s':>6} {'step s':>7} {'peak GiB':>9} {'/bf16':>6} {'/loaded':>8} "
-          f"{'LoRA MiB':>9} {'keys':>5}  estimate vs held (weights, ARA, LoRA)")
+          f"{'-base':>6} {'LoRA MiB':>9} {'keys':>5}  estimate vs held (weights, ARA, LoRA)")
+    print("  (/loaded: peak RSS / the loaded expert's bytes; -base: the same with the interpreter's RSS before "
+          "loading taken off the peak)")
     plain_load = {}
     try:
         for qtype in args.qtypes:
@@ -144,7 +157,7 @@ def main(argv=None) -> int:
                 e = estimate_lines(config, qtype, ara)
                 held_w = r["quant"] + r["other"]
                 print(f"{label:<12} {r['load_s']:>7.0f} {r['ara_s']:>6.0f} {r['step_s']:>7.0f} {r['peak'] / G:>9.2f} "
-                      f"{r['peak'] / bf16:>6.3f} {r['peak'] / loaded:>8.3f} {r['file'] / 2**20:>9.2f} {r['keys']:>5}  "
+                      f"{r['peak'] / bf16:>6.3f} {r['peak'] / loaded:>8.3f} {(r['peak'] - r['base']) / loaded:>6.3f} {r['file'] / 2**20:>9.2f} {r['keys']:>5}  "
                       f"{e['weights'] / held_w - 1:+.1%}, {(e['ara'] / r['ara'] - 1) if r['ara'] else 0:+.1%}, "
                       f"{e['lora'] / r['lora'] - 1:+.1%}  ({r['tokens']} tokens, {r['ara_layers']} ARA layers)")
     finally:

@@ -93,7 +93,7 @@ def quantize_linears(
     (``prefix + name``) is not excluded -- or just the one named ``only``.
     Returns the original weights of the quantized layers (``{full name:
     tensor}``) for the caller to use or drop."""
-    from optimum.quanto import freeze, quantize
+    from optimum.quanto import quantize
 
     names, originals = [], {}
     for name, sub in module.named_modules():
@@ -111,8 +111,29 @@ def quantize_linears(
     elif names:
         quantize(module, weights=quanto_qtype(qtype), include=names)
         for name in names:
-            freeze(module.get_submodule(name))
+            freeze_portable(module.get_submodule(name))
     return originals
+
+
+def freeze_portable(layer: torch.nn.Module) -> None:
+    """quanto's ``freeze``, keeping a 4-bit weight in quanto's kernel-agnostic
+    form (``optimized=False``). Frozen on the host, a bf16 qint4 weight is
+    otherwise packed for quanto's CPU int4 matmul, which can only be unpacked
+    -- to dequantize it for the ARA's SVD, for every backward pass, and for the
+    move to the GPU -- by a matmul with the identity: 13-16 s per A14B FFN
+    layer on 2 cores (benchmarks/real_scale_cpu.py), about an hour per expert.
+    The agnostic form dequantizes in 0.5 s and is packed for the GPU's kernel
+    by quanto itself when the expert moves there."""
+    from optimum.quanto import freeze
+    from optimum.quanto.tensor.weights import quantize_weight
+
+    if layer.weight_qtype is None or layer.weight_qtype.bits != 4:
+        freeze(layer)
+        return
+    scale, shift = layer.optimizer(layer.weight, qtype=layer.weight_qtype, axis=0, group_size=layer.weight_group_size)
+    layer.weight = torch.nn.Parameter(quantize_weight(
+        layer.weight, qtype=layer.weight_qtype, axis=0, scale=scale, shift=shift, group_size=layer.weight_group_size,
+        activation_qtype=layer.activation_qtype, optimized=False), requires_grad=False)
 
 
 def planned_linears(module: torch.nn.Module, exclude: Iterable[str]) -> list[str]:

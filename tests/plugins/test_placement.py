@@ -89,7 +89,8 @@ def small(path: Path, tiny_model, demo_data, out: Path, steps: int = 3, extra=()
         sets += [f'datasets[{i}].folder="{demo_data}"', f"datasets[{i}].resolutions=[32]", f"datasets[{i}].num_frames=5"]
     if "sample" in raw.plugins.enabled:
         sets += ["plugins.sample.width=32", "plugins.sample.height=32", "plugins.sample.num_frames=5",
-                 "plugins.sample.steps=2", f"plugins.sample.every={steps}"]
+                 "plugins.sample.steps=2", f"plugins.sample.every={steps}",
+                 "plugins.sample.at_start=false"]  # the base-model render places nothing the last one does not
     if "checkpoints" in raw.plugins.enabled:
         sets.append(f"plugins.checkpoints.every={steps}")
     return [*sets, *extra]

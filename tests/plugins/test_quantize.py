@@ -211,3 +211,27 @@ def test_ara_file_with_wrong_keys_is_an_error():
         ara_format.parse_ara_state({"blocks.0.attn1.to_q.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="lacks its up"):
         ara_format.parse_ara_state({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 2)})
+
+
+def test_a_bf16_qint4_weight_frozen_on_the_host_stays_kernel_agnostic():
+    """quanto packs a bf16 qint4 weight frozen on the CPU for its CPU int4
+    matmul, which unpacks only through a matmul with the identity (seconds per
+    layer: the ARA's SVD, every backward pass and the move to a GPU pay it).
+    The loader keeps quanto's agnostic form: the same dequantized weight,
+    gradients flow, and moving it to another device still works."""
+    from optimum.quanto import freeze, qint4, quantize
+    from optimum.quanto.tensor.weights.qbits import WeightQBitsTensor
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(512, 384, dtype=torch.bfloat16))
+    theirs = torch.nn.Sequential(torch.nn.Linear(512, 384, dtype=torch.bfloat16))
+    theirs.load_state_dict(ours.state_dict())
+    loader.quantize_linears(ours, "qint4", exclude=())
+    quantize(theirs, weights=qint4)
+    freeze(theirs)
+    assert type(ours[0].weight) is WeightQBitsTensor and type(theirs[0].weight) is not WeightQBitsTensor
+    assert torch.equal(ours[0].weight.dequantize(), theirs[0].weight.dequantize())
+    x = torch.randn(4, 512, dtype=torch.bfloat16, requires_grad=True)
+    ours(x).float().square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert type(ours.to("meta")[0].weight).__name__.endswith("WeightQBitsTensor")
