@@ -205,6 +205,10 @@ class Plugin:
         return profile_problems(self.config, profile)
 
     @hookimpl
+    def after_adapters_attached(self):
+        uint4.forget_dequantized()  # peft's reads while attaching are over
+
+    @hookimpl
     def load_expert(self, run: Run, expert, subfolder):
         if self.config.transformer == "none":
             return None
