@@ -135,9 +135,10 @@ def main(argv=None) -> int:
     bf16 = sum(f.stat().st_size for f in (folder / "transformer").glob("*.safetensors"))
     print(f"bf16 expert on disk: {bf16 / G:.2f} GiB (written / found in {time.perf_counter() - t0:.0f} s)")
     print(f"{'config':<12} {'load s':>7} {'ARA s':>6} {'step s':>7} {'peak GiB':>9} {'/bf16':>6} {'/loaded':>8} "
-          f"{'-base':>6} {'LoRA MiB':>9} {'keys':>5}  estimate vs held (weights, ARA, LoRA)")
-    print("  (/loaded: peak RSS / the loaded expert's bytes; -base: the same with the interpreter's RSS before "
-          "loading taken off the peak)")
+          f"{'-base':>6} {'load':>6} {'+state':>7} {'LoRA MiB':>9} {'keys':>5}  estimate vs held (weights, ARA, LoRA)")
+    print("  /loaded: peak RSS / the loaded expert's bytes; -base: with the interpreter's RSS before loading taken "
+          "off;\n  load: RSS after loading (less the base) / loaded; +state: peak less the base / (loaded + the "
+          "LoRA's fp32 weights, gradients and two AdamW moments)")
     plain_load = {}
     try:
         for qtype in args.qtypes:
@@ -157,7 +158,9 @@ def main(argv=None) -> int:
                 e = estimate_lines(config, qtype, ara)
                 held_w = r["quant"] + r["other"]
                 print(f"{label:<12} {r['load_s']:>7.0f} {r['ara_s']:>6.0f} {r['step_s']:>7.0f} {r['peak'] / G:>9.2f} "
-                      f"{r['peak'] / bf16:>6.3f} {r['peak'] / loaded:>8.3f} {(r['peak'] - r['base']) / loaded:>6.3f} {r['file'] / 2**20:>9.2f} {r['keys']:>5}  "
+                      f"{r['peak'] / bf16:>6.3f} {r['peak'] / loaded:>8.3f} {(r['peak'] - r['base']) / loaded:>6.3f} "
+                      f"{(r['loaded_rss'] - r['base']) / loaded:>6.3f} {(r['peak'] - r['base']) / (loaded + 4 * r['lora']):>7.3f} "
+                      f"{r['file'] / 2**20:>9.2f} {r['keys']:>5}  "
                       f"{e['weights'] / held_w - 1:+.1%}, {(e['ara'] / r['ara'] - 1) if r['ara'] else 0:+.1%}, "
                       f"{e['lora'] / r['lora'] - 1:+.1%}  ({r['tokens']} tokens, {r['ara_layers']} ARA layers)")
     finally:
