@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import json
 import logging
 import os
 import re
@@ -48,19 +47,13 @@ from .formats import safetensors as st
 from .formats import state as state_files
 from .formats.state import CHECKPOINTS_DIR as CHECKPOINTS
 from .formats.state import FORMAT, LEGACY, STATE_JSON, VERSION, encode_tree
+from .formats.snapshot import compare_profiles, profile_snapshot
 
 log = logging.getLogger("wantrain")
 
 _STEP_DIR = re.compile(r"^step_(\d{9})(?:_([0-9a-f]{6}))?$")  # the optional lineage tag
 _STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})(?:_(?P<tag>[0-9a-f]{6}))?_(?P<expert>high_noise|low_noise)"
                         r"(?:_[a-z]+)?\.safetensors$")
-
-#: profile keys whose change makes a checkpoint unusable (prefix match)
-BREAKING = ("target.type", "target.rank", "target.alpha", "target.modules", "target.lokr_factor", "target.lokr_full_rank", "target.experts", "model.arch",
-            "model.name_or_path", "training.optimizer", "datasets")
-#: profile keys that do not matter to a resumed run
-IGNORED = ("job.output_dir", "job.device", "target.init_from")
-
 
 def checkpoint_dir(output_dir: Path, step: int, tag: str = "") -> Path:
     return Path(output_dir) / CHECKPOINTS / (f"step_{step:09d}_{tag}" if tag else f"step_{step:09d}")
@@ -70,63 +63,6 @@ def step_files(output_dir: Path, name: str, step: int, tag: str = "") -> list[Pa
     """The LoRA files of one save (the pair, and extras such as EMA's ``_raw`` copies)."""
     return [p for p in Path(output_dir).glob(f"{glob.escape(name)}_{step:09d}_*.safetensors")
             if (m := _STEP_FILE.match(p.name)) and m["name"] == name and (m["tag"] or "") == tag]
-
-
-# ---------------------------------------------------------------- profile snapshot
-
-
-def profile_snapshot(profile, targets: dict | None = None) -> dict[str, Any]:
-    """The effective profile (defaults filled in) as ``{"dotted.key": value}``;
-    ``targets`` (expert -> its ``run.target``) adds ``target.experts.<e>.rank`` /
-    ``.alpha`` where they differ from ``[target]``'s."""
-    data: dict[str, Any] = {n: attrs.asdict(getattr(profile, n)) for n in ("job", "model", "target", "training")}
-    data["datasets"] = [attrs.asdict(d) for d in profile.datasets]
-    plugins: dict[str, Any] = {"enabled": list(profile.plugins.enabled)}
-    for name, cfg in profile.plugins.configs.items():
-        plugins[name] = attrs.asdict(cfg) if attrs.has(type(cfg)) else cfg
-    data["plugins"] = plugins
-    own = {e: {k: getattr(t, k) for k in ("rank", "alpha") if getattr(t, k) != getattr(profile.target, k)}
-           for e, t in (targets or {}).items()}
-    data["target"]["experts"] = {e: v for e, v in own.items() if v}
-    return _flatten(data, "")
-
-
-def _flatten(value: Any, where: str) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{where}.{k}" if where else str(k)))
-        return out
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
-        out = {f"{where}.count": len(value)}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{where}[{i}]"))
-        return out
-    return {where: list(value) if isinstance(value, tuple) else value}
-
-
-def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith((p + ".", p + "[")) for p in prefixes)
-
-
-def compare_profiles(old: dict[str, Any], new: dict[str, Any], where: str) -> tuple[list[ProfileProblem], list[str]]:
-    """Problems (keys that break resume) and warnings (safe changes)."""
-    problems, warnings = [], []
-    missing = object()
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
-        if a == b or _matches(key, IGNORED):
-            continue
-        was = "unset" if a is missing else json.dumps(a)
-        if _matches(key, BREAKING):
-            problems.append(ProfileProblem(
-                key, f"differs from the checkpoint being resumed ({where} has {was})",
-                None if b is missing else b,
-                "set it back to resume, or start a new run in another job.output_dir"))
-        else:
-            now = "unset" if b is missing else json.dumps(b)
-            warnings.append(f"{key} changed since {where} (was {was}, now {now}); continuing with the new value")
-    return problems, warnings
 
 
 # ---------------------------------------------------------------- finding a checkpoint
@@ -219,7 +155,7 @@ def check_compatible(run, ckpt: Checkpoint) -> None:
     where = f"checkpoints/{ckpt.path.name}"
     trained = list(run.pm.hook.trained_experts(profile=run.profile))
     now = profile_snapshot(run.profile, {e: run.target(e) for e in trained})
-    problems, warnings = compare_profiles(ckpt.state["profile"], now, where)
+    problems, warnings = compare_profiles(ckpt.state["profile"], now, where, run.profile)
     if trained != ckpt.state["experts"]:
         problems.append(ProfileProblem("trained experts", f"differ from the checkpoint being resumed ({where} trains "
                                        f"{', '.join(ckpt.state['experts'])})", trained,

@@ -269,3 +269,21 @@ def test_leftovers_of_interrupted_saves_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoints", "t_000000002_high_noise.safetensors", "t_high_noise.safetensors", "u_000000004_low_noise.safetensors"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000002"]
+
+
+def test_a_checkpoint_written_before_a_key_existed_resumes_at_its_default(profile_data):
+    """A snapshot from an older wantrain lacks the keys added since
+    (``target.lokr_factor``, ``datasets[0].role``, ...): they count as their
+    defaults, so the checkpoint resumes; a non-default value is still refused."""
+    from wantrain.profile import load_profile
+
+    profile = load_profile(data=profile_data)
+    new = resume.profile_snapshot(profile)
+    old = {k: v for k, v in new.items() if k not in ("target.lokr_factor", "target.lokr_full_rank", "datasets[0].role",
+                                                        "model.attention", "training.compile")}
+    assert len(old) == len(new) - 5
+    assert resume.compare_profiles(old, new, "checkpoints/step_1", profile) == ([], [])
+    profile_data["target"].update(type="lokr", lokr_factor=4)
+    changed = load_profile(data=profile_data)
+    problems, _ = resume.compare_profiles(old, resume.profile_snapshot(changed), "checkpoints/step_1", changed)
+    assert [p.where for p in problems] == ["target.lokr_factor", "target.type"]
