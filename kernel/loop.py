@@ -15,7 +15,7 @@ from . import flow, lora
 from .archs import ALL_EXPERTS
 from .archs.condition import draw_start_frames
 from .data import build_train_data
-from .distributed import hooks as distributed_hooks
+from .distributed import data_world, hooks as distributed_hooks
 from .distributed.data import drawn_rows, loss_weight, my_rows
 from .distributed.step import agree_on_stop, open_checkpoint, reduce_step
 from .errors import ProfileProblem, WantrainError
@@ -179,7 +179,7 @@ def train_step(run: Run) -> dict | None:
         "grad_norm": run.grad_norm,
         "expert": expert,
         "step_time": seconds,
-        "samples_per_second": tcfg.batch_size * tcfg.gradient_accumulation * run.world_size / seconds,
+        "samples_per_second": tcfg.batch_size * tcfg.gradient_accumulation * data_world() / seconds,
         "peak_memory_gb": peak_memory_gb(run.device),
     }
     run.last_metrics = metrics

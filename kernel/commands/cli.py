@@ -119,7 +119,8 @@ def cmd_run(args) -> int:
     with launch.session(profile):
         run = train(profile, resume=args.resume)
     if run.step < profile.training.steps:  # stopped gracefully (SIGINT / SIGTERM)
-        again = ["wantrain", "run", args.profile, *[a for o in args.overrides for a in ("--set", o)]]
+        again = ["wantrain", "run", *(["--nproc", str(run.world_size)] if run.world_size > 1 else []), args.profile,
+                 *[a for o in args.overrides for a in ("--set", o)]]
         if args.resume != "auto":  # never / PATH again would refuse or fork anew: name the stop checkpoint
             again += ["--resume", str(checkpoint_dir(run.output_dir, run.step, run.lineage.tag))]
         logging.getLogger("wantrain").info("resume with: %s", shlex.join(again))

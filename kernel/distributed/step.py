@@ -97,7 +97,7 @@ def open_checkpoint(run, mode: str):
             run.lineage = Lineage(id=lineage[0], tag=lineage[1], resumed_from=lineage[2])
             ckpt = read_checkpoint(where) if where else None
         if ckpt is not None:
-            check_world_size(ckpt.state, world_size(), run.profile.training.batch_size)
+            check_world_size(ckpt.state, data_world(), run.profile.training.batch_size)  # sequence groups draw as one
     return ckpt
 
 
