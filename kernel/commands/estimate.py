@@ -65,7 +65,9 @@ WAN22_VAE_PARAMS = 704_688_668
 VAE_PARAMS = {"wan22_t2v_a14b": WAN_VAE_PARAMS, "wan22_i2v_a14b": WAN_VAE_PARAMS, "wan22_ti2v_5b": WAN22_VAE_PARAMS}
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0}
+#: optimizer state per fp32 LoRA weight, bytes (prodigy: two moments + s + p0; came: one moment + factored rows;
+#: schedule-free AdamW: z + the second moment); a "module:Class" optimizer is counted as AdamW
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0, "prodigy": 16, "came": 4, "adamw_schedulefree": 8}
 CUDA_OVERHEAD_GIB = 1.5  # CUDA context, cuBLAS workspace, allocator slack
 HOST_BASELINE_GIB = 3.0  # Python, torch, CUDA libraries
 VAE_BYTES_PER_PIXEL = 10_000  # VAE encode working set per pixel of a frame (4-frame chunks)
@@ -317,6 +319,13 @@ def expert_weight_bytes(s: Settings, c: Counts) -> float:
     return per
 
 
+def expert_bytes(s: Settings, c: Counts) -> tuple[float, float, float]:
+    """One expert's (weights, ARA, fp32 LoRA) bytes: what the estimate's rows are built from
+    (``benchmarks/real_scale_cpu.py`` holds them against a loaded expert)."""
+    ara = DTYPE_BYTES[s.dtype] * s.ara_rank * c.quantized_io if s.weight_bytes is not None else 0.0
+    return expert_weight_bytes(s, c), ara, 4 * s.rank * c.lora_io
+
+
 def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Mapping[str, Any] = UMT5_XXL,
              vae_params: int = WAN_VAE_PARAMS, vram_gb: float | None = None,
              remedies: Iterable[Remedy] | None = None) -> Estimate:
@@ -324,10 +333,8 @@ def estimate(s: Settings, transformer_config: Mapping[str, Any], text_config: Ma
     the suggestions that make it fit."""
     c = count_transformer(transformer_config, s.weight_bytes is not None, s.quantize_exclude, s.modules)
     a = DTYPE_BYTES[s.dtype]
-    expert = expert_weight_bytes(s, c)
-    ara = a * s.ara_rank * c.quantized_io if s.weight_bytes is not None else 0.0
-    lora = 4 * s.rank * c.lora_io
-    opt = OPTIMIZER_BYTES[s.optimizer] / 4 * lora
+    expert, ara, lora = expert_bytes(s, c)
+    opt = OPTIMIZER_BYTES.get(s.optimizer, OPTIMIZER_BYTES["adamw"]) / 4 * lora
     embed, linear = umt5_params(text_config)
     te_full = a * (embed + linear)
     te_q = a * embed + (s.text_encoder_bytes or a) * linear

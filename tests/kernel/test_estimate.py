@@ -129,3 +129,20 @@ def test_a_plugin_adds_its_own_memory_lines_and_remedies(profile_data, tmp_path,
     lines = out.splitlines()
     first = lines.index(next(line for line in lines if line.startswith("does not fit"))) + 1
     assert "halve the frames (stream_all)" in lines[first]  # order 1: before every built-in remedy
+
+
+@pytest.mark.parametrize("optimizer, args", [("prodigy", {}), ("came", {}), ("adamw_schedulefree", {}),
+                                             ("torch.optim:SGD", {"momentum": 0.9})])
+def test_every_optimizer_is_estimated_and_prodigy_holds_the_most_state(profile_data, optimizer, args):
+    """``wantrain estimate`` knows every optimizer (it raised KeyError for all but three)."""
+    def lora_row(name, extra):
+        profile_data["training"].update(optimizer=name, optimizer_args=extra, lr=1.0 if name == "prodigy" else 1e-4)
+        profile = load_profile(data=profile_data)
+        e = est.estimate_profile(profile, open_run(profile, purpose="inspect").pm)[0]
+        return next(r for r in e.rows if r[0].startswith("LoRA rank"))
+
+    row = lora_row(optimizer, args)
+    adamw = lora_row("adamw", {})
+    assert f"{optimizer} state" in row[0]
+    if optimizer == "prodigy":
+        assert row[1] > adamw[1]
