@@ -128,23 +128,30 @@ class Plugin:
                 log.warning("validation: datasets[%d] has no usable item (%s)", index, problems[0] if problems else "")
                 continue
             picked += [one_sample(ds, u, run.profile.job.trigger_word) for u in range(len(ds.units))]
+        split = []  # (dataset, unit) split off training, one unit per file
         if self.config.fraction:
             for ds in run.data.datasets:
                 units = [u for u in range(len(ds.units)) if held_out(ds.items[ds.units[u].item].path, self.config.fraction)]
                 if not units and ds.units:
                     units = [min(range(len(ds.units)), key=lambda u: hashlib.sha256(
                         Path(ds.items[ds.units[u].item].path).name.encode()).digest())]
-                if len({ds.units[u].item for u in units}) >= len(ds.items):
-                    units = units[:-1]  # never all of a dataset
+                first = {}  # item -> its first unit (an item has a unit per resolution)
                 for u in units:
-                    spec, caption = one_sample(ds, u, run.profile.job.trigger_word)
-                    run.data.exclude(ds.index, spec.path, "held out for validation")
-                    picked.append((spec, caption))
+                    first.setdefault(ds.units[u].item, u)
+                for group in ds.groups:  # never all of a bucket (nor of a dataset): its last held item trains
+                    items = {ds.units[u].item for u in group}
+                    if items <= first.keys():
+                        first.pop(max(items))
+                split += [(ds, u) for u in first.values()]
         seen, out = set(), []
-        for spec, caption in picked:  # one sample per file (an item has a unit per resolution)
+        for spec, caption in picked:  # one sample per file
             if spec.path not in seen:
                 seen.add(spec.path)
                 out.append((spec, caption))
+        for ds, u in split[: max(0, self.config.max_items - len(out))]:  # only what is measured leaves training
+            spec, caption = one_sample(ds, u, run.profile.job.trigger_word)
+            run.data.exclude(ds.index, spec.path, "held out for validation")
+            out.append((spec, caption))
         return out[: self.config.max_items]
 
     def encode(self, run: Run, picked: list[tuple]) -> None:
@@ -208,7 +215,9 @@ class Plugin:
             staging = run.output_dir / ".best.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            run.pm.hook.write_lora(run=run, step=step, folder=str(staging), dtype=None)
+            from wantrain.run import write_lora_pair  # the weights measured (the event would give EMA's shadow)
+
+            write_lora_pair(run, step, staging)
             (staging / "best.json").write_text(json.dumps({"step": step, "val_loss": values["val/loss"]}) + "\n")
             shutil.rmtree(folder, ignore_errors=True)
             staging.rename(folder)
@@ -221,8 +230,6 @@ class Plugin:
         if not picked:
             log.warning("validation: no held-out item could be read; no validation loss")
             return
-        if run.arch.takes_start_frame:
-            log.warning("validation: %s items are measured as text-to-video (no start frame)", run.profile.model.arch)
         self.encode(run, picked)
         self.truncate(run)
         log.info("validation: %d held-out items x %d timesteps per expert, every %d steps",

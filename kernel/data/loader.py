@@ -395,6 +395,9 @@ def build_train_data(profile: Profile, *, seed: int, num_workers: int = 0) -> Tr
     if problems:
         raise DataError(problems)
     datasets = [ds for ds in datasets if ds.config.role == "train"]  # "held_out" datasets are for plugins to measure
+    if not datasets:
+        raise DataError(ProfileProblem("datasets", 'has no dataset to train on: every one is role = "held_out"',
+                                       fix='give at least one dataset role = "train" (the default)'))
     from ..distributed import data_rank, data_world
 
     return TrainData(datasets, report, seed=seed, trigger_word=profile.job.trigger_word, num_workers=num_workers,

@@ -63,9 +63,28 @@ def test_a_fraction_is_held_out_of_training(profile_data):
     held = {spec.path for spec, _ in picked}
     files = {i.path for ds in run.data.datasets for i in ds.items}
     assert held and held < files
-    assert held == {p for p in files if val.held_out(p, 0.3)} or len(held) == 1
+    want = {p for p in files if val.held_out(p, 0.3)}
+    assert want, "the demo data should hash some files under 0.3"
+    assert held == want
     seen = {p for _ in range(12) for p in run.data.next_batch(1).paths}
     assert seen and not seen & held
+    run.data.close()
+
+
+@pytest.mark.parametrize("max_items", [1, 100])
+def test_only_measured_files_leave_training_and_never_a_whole_dataset(profile_data, monkeypatch, max_items):
+    """Every file held out by the hash: one file of each bucket (clips, stills)
+    still trains; with max_items = 1 only that one file leaves."""
+    monkeypatch.setattr(val, "held_out", lambda path, fraction: True)
+    profile_data["plugins"] = {"enabled": ["validation"], "validation": {"fraction": 0.5, "max_items": max_items}}
+    run = setup(load_profile(data=profile_data))
+    load(run)
+    held = {spec.path for spec, _ in run.pm.get_plugin("validation").pick(run)}
+    files = {i.path for ds in run.data.datasets for i in ds.items}
+    buckets = {ds.units[u].key for ds in run.data.datasets for u in range(len(ds.units))}
+    assert len(held) == min(max_items, len(files) - len(buckets))
+    seen = {p for _ in range(40) for p in run.data.next_batch(1).paths}
+    assert seen == files - held
     run.data.close()
 
 
@@ -76,3 +95,12 @@ def test_fixed_timesteps_are_midpoints_and_the_profile_needs_held_out_items(prof
 
     with pytest.raises(ProfileError, match="plugins.validation: has no held-out items"):
         open_run(load_profile(data=profile_data), purpose="inspect")
+
+
+def test_every_dataset_held_out_is_one_line_from_check(profile_data):
+    from wantrain.commands.check import check
+
+    profile_data["datasets"][0]["role"] = "held_out"
+    profile_data["plugins"] = {"enabled": ["validation"]}
+    lines = [p.line() for p in check(load_profile(data=profile_data))]
+    assert any(line.startswith('error: datasets: has no dataset to train on: every one is role = "held_out"') for line in lines), lines
