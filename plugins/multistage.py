@@ -128,6 +128,12 @@ def profile_problems(config: Config, profile) -> list[ProfileProblem]:
     if counts and sum(counts.values()) > profile.training.steps:
         out.append(ProfileProblem("plugins.multistage.per_expert", f"steps/share add up to {sum(counts.values())}, "
                                   f"more than training.steps = {profile.training.steps}", fix="lower them"))
+    elif counts and sum(counts.values()) < profile.training.steps and all(
+            e in config.per_expert and (config.per_expert[e].steps is not None or config.per_expert[e].share is not None)
+            for e in config.experts):
+        out.append(ProfileProblem("plugins.multistage.per_expert", f"steps/share of every trained expert add up to "
+                                  f"{sum(counts.values())}, fewer than training.steps = {profile.training.steps}",
+                                  fix=f"raise them, or set training.steps = {sum(counts.values())}"))
     return out
 
 

@@ -177,3 +177,8 @@ def test_per_expert_mistakes_are_one_line_each(profile_data):
                  "plugins.multistage.per_expert.mid: is not an expert",
                  "plugins.multistage.per_expert.low_noise.t_min: must be below t_max"):
         assert line in text, text
+    # counts for every trained expert that leave steps over: the run would train past them
+    profile_data["plugins"]["multistage"] = {"per_expert": {H: {"steps": 1}, L: {"steps": 2}}}
+    with pytest.raises(ProfileError, match=r"per_expert: steps/share of every trained expert add up to 3, fewer than "
+                                           r"training.steps = 4; raise them, or set training.steps = 3"):
+        open_run(load_profile(data=profile_data), purpose="inspect")
