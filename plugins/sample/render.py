@@ -146,19 +146,24 @@ def start_images(run, settings: SampleSettings, count: int) -> list[str | None]:
 
 
 def default_start_image(profile) -> str:
-    """The first dataset clip's start image: ``clip.png`` beside it, else the clip itself (its first frame)."""
+    """The first dataset clip's start image: ``clip.png`` beside it, else the clip itself (its first frame);
+    a dataset of stills only (a TI2V-5B character set): its first image."""
     from wantrain.data.media import VIDEO_EXTS
     from wantrain.data.scan import list_files, start_images as overrides
 
+    still = None
     for ds in profile.datasets:
         folder = profile.resolve_path(ds.folder)
         files = list_files(folder, ds.caption_ext)[0] if folder.is_dir() else []
         clips = [f for f in files if f.suffix.lower() in VIDEO_EXTS]
         if clips:
             return str((overrides(files).get(clips[0]) or (None,))[0] or clips[0])
+        still = still or next(iter(files), None)
+    if still is not None:
+        return str(still)
     from wantrain.errors import ProfileProblem, WantrainError
 
-    raise WantrainError(ProfileProblem("plugins.sample.images", "no start image: no dataset clip to take one from",
+    raise WantrainError(ProfileProblem("plugins.sample.images", "no start image: no dataset clip or image to take one from",
                                        fix='set [plugins.sample] images = ["start.png"]'))
 
 

@@ -347,3 +347,20 @@ def test_sampler_must_be_known(profile_data):
     with pytest.raises(Exception) as err:
         load_profile(data=profile_data)
     assert "plugins.sample.sampler" in str(err.value) and "euler" in str(err.value)
+
+
+def test_the_default_start_image_of_a_stills_only_dataset_is_its_first_image(profile_data, demo_data, tmp_path):
+    """A TI2V-5B character set of stills had no clip to take a start image from: the first preview raised."""
+    import shutil
+
+    from wantrain.plugins.sample.render import default_start_image
+    from wantrain.profile import load_profile as _load
+
+    stills = tmp_path / "stills"
+    stills.mkdir()
+    for p in sorted(demo_data.glob("still_*")):
+        shutil.copy(p, stills / p.name)
+    profile_data["datasets"][0]["folder"] = str(stills)
+    assert default_start_image(_load(data=profile_data)) == str(stills / "still_00.png")
+    profile_data["datasets"][0]["folder"] = str(demo_data)
+    assert default_start_image(_load(data=profile_data)).endswith("clip_00.mp4")
