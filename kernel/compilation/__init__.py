@@ -21,11 +21,18 @@ from __future__ import annotations
 import torch
 
 
+#: graphs one block may hold (one per bucket shape): dynamo's default (8) is below a multi-resolution run's
+RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(module: torch.nn.Module, enabled: bool, backend: str = "inductor") -> int:
     """Compile each of ``module.blocks`` in place when ``enabled``; returns how many."""
     blocks = getattr(module, "blocks", None)
     if not enabled or blocks is None:
         return 0
+    # one graph per token shape (each bucket's frames x height x width, the no-grad passes too): past dynamo's
+    # default of 8 a block would quietly run eager again
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(backend=backend, dynamic=False)
     return len(blocks)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from wantrain import compilation
-from wantrain.loop import load, setup
 from wantrain.lora import attach_lora
 from wantrain.model import ModelSource, load_expert
 from wantrain.profile import LORA_MODULES, load_profile
@@ -60,9 +59,28 @@ def test_compiled_blocks_match_eager_and_never_recompile(tiny_model):
     assert first >= 1
 
 
-def test_profile_key_compiles_the_loaded_experts(profile_data):
-    profile_data["training"]["compile"] = True
-    run = setup(load_profile(data=profile_data))
-    load(run)
-    for module in run.experts.values():
-        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in module.blocks)
+def test_a_run_with_compile_on_trains_the_lora_of_an_eager_run(profile_data, tmp_path, monkeypatch):
+    """``[training] compile = true`` through ``wantrain run``'s path: every
+    block of both experts compiled, graphs made, and the LoRA files of two
+    steps equal an eager run's (the CPU backend aot_eager stands in for
+    inductor: dynamo's capture and autograd without C++ code generation)."""
+    from safetensors.torch import load_file
+
+    from wantrain.loop import train
+
+    real = compilation.compile_blocks
+    monkeypatch.setattr(compilation, "compile_blocks", lambda module, enabled: real(module, enabled, backend="aot_eager"))
+    torch._dynamo.reset()
+    files = {}
+    for compiled in (False, True):
+        profile_data["training"].update(compile=compiled, steps=2)
+        profile_data["job"]["output_dir"] = str(tmp_path / str(compiled))
+        run = train(load_profile(data=profile_data))
+        if compiled:
+            assert compilation.graph_count() >= 1
+            for module in run.experts.values():
+                assert all(getattr(b, "_compiled_call_impl", None) is not None for b in module.blocks)
+        files[compiled] = {e: load_file(str(tmp_path / str(compiled) / f"t_{e}.safetensors")) for e in run.trained}
+    for expert, eager in files[False].items():
+        for key, value in eager.items():
+            torch.testing.assert_close(files[True][expert][key], value, rtol=1e-4, atol=1e-6)
