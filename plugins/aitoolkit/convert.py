@@ -600,14 +600,15 @@ def _i2v(conv: Conversion, where: str) -> None:
     text-to-video): for the TI2V-5B, ``[model] i2v_probability`` -- the share
     of datasets that set it, since wantrain mixes per sample, not per
     dataset; the I2V-A14B always trains from the start frame; T2V never."""
-    arch, flags = conv.profile.get("model", {}).get("arch"), [bool(f) for f in conv.do_i2v]
-    if arch == ONE_EXPERT:
+    arch = conv.profile.get("model", {}).get("arch")
+    if arch == ONE_EXPERT:  # ai-toolkit's default is do_i2v = true (its dataset config)
+        flags = [True if f is None else bool(f) for f in conv.do_i2v]
         share = sum(flags) / len(flags)
         conv.put("model.i2v_probability", share)
         if 0 < share < 1:
             conv.drop(f"{where}[*].do_i2v", f"set per dataset; wantrain mixes per sample: i2v_probability = {share:g} "
                                             "(the share of datasets that set it)")
-    elif arch != "wan22_i2v_a14b" and any(flags):
+    elif arch != "wan22_i2v_a14b" and any(f for f in conv.do_i2v):  # set explicitly: a default says nothing
         conv.drop(f"{where}[*].do_i2v", "a text-to-video model has no start frame")
 
 

@@ -147,14 +147,16 @@ def test_the_i2v_and_5b_archs_map():
     assert i2v.profile["model"]["arch"] == "wan22_i2v_a14b" and "multistage" in i2v.plugins
     assert i2v.plugins["offload"] == {"experts": True} and i2v.dropped == []
     # the 5B: one expert (no multistage, nothing to park), do_i2v per dataset -> the share of i2v samples
-    five = C.convert(_job({"arch": "wan22_5b", "low_vram": True}, [{"folder_path": "a", "do_i2v": True}, {"folder_path": "b"}],
+    five = C.convert(_job({"arch": "wan22_5b", "low_vram": True}, [{"folder_path": "a", "do_i2v": True}, {"folder_path": "b", "do_i2v": False}],
                           switch_boundary_every=10))
     assert five.profile["model"] == {"arch": "wan22_ti2v_5b", "i2v_probability": 0.5}
     assert "multistage" not in five.plugins and "offload" not in five.plugins
     assert [line.split(": ", 2)[1] for line in five.dropped] == [
         "config.process[0].model.low_vram", "config.process[0].train.switch_boundary_every", "config.process[0].datasets[*].do_i2v"]
-    t2v_only = C.convert(_job({"arch": "wan22_5b"}, [{"folder_path": "a"}]))
-    assert t2v_only.profile["model"]["i2v_probability"] == 0.0  # ai-toolkit trains a dataset without do_i2v text-to-video
+    unset = C.convert(_job({"arch": "wan22_5b"}, [{"folder_path": "a"}]))
+    assert unset.profile["model"]["i2v_probability"] == 1.0  # ai-toolkit's default: do_i2v = true
+    t2v_only = C.convert(_job({"arch": "wan22_5b"}, [{"folder_path": "a", "do_i2v": False}]))
+    assert t2v_only.profile["model"]["i2v_probability"] == 0.0
     t2v = C.convert(_job({"arch": "wan22_14b"}, [{"folder_path": "a", "do_i2v": True}]))
     assert t2v.dropped == ["not carried over: config.process[0].datasets[*].do_i2v: a text-to-video model has no start frame"]
 
