@@ -296,8 +296,9 @@ class Plugin:
             log.info("latent_cache: every dataset is cached; the VAE left %s", run.device)
 
     @staticmethod
-    def condition_key(run: Run, spec) -> str:
-        return f"{spec.cache_key()}:condition:{run.arch.start_frame}:last={run.profile.model.last_frame}"
+    def condition_key(run: Run, spec, video_key: str | None = None) -> str:
+        """``video_key``: the sample's cache key when the batch has it (else a stat + hash of the file)."""
+        return f"{video_key or spec.cache_key()}:condition:{run.arch.start_frame}:last={run.profile.model.last_frame}"
 
     @staticmethod
     def condition_pixels(run: Run, spec, pixels: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,8 +315,8 @@ class Plugin:
         from wantrain import data as wdata, model
 
         out = []
-        for spec in batch.specs:
-            key = self.condition_key(run, spec)
+        for spec, video_key in zip(batch.specs, batch.cache_keys):  # the keys the loader made: once per sample
+            key = self.condition_key(run, spec, video_key)
             latents = self.stores[spec.dataset].get(key)
             if latents is None:  # deleted mid-run: encode it now
                 with torch.no_grad():

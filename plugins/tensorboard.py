@@ -122,7 +122,7 @@ class Plugin:
     @hookimpl(wrapper=True)
     def sample_timesteps(self, expert):
         result = yield
-        if result is not None:  # kept as is (maybe on the GPU): no sync per step
+        if result is not None and self.writer is not None:  # kept as is (maybe on the GPU): no sync per step; rank 0 alone
             self.timesteps.setdefault(expert, []).append(result.detach().clone())
         return result
 

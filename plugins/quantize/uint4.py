@@ -27,6 +27,7 @@ keeping a bf16 copy of the weight alive for it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from importlib.metadata import version
 
@@ -42,6 +43,7 @@ QMIN, QMAX = 0, 15
 BYTES_PER_WEIGHT = 0.5 + 2 / GROUP + 1 / GROUP
 
 
+@functools.cache  # once: dequantize calls it in every forward and backward
 def _primitives():
     """torchao's affine primitives. torchao logs a warning at import when its
     compiled extensions do not match the installed torch; the primitives
