@@ -91,27 +91,6 @@ def scale(kind: str, parts: Mapping[str, torch.Tensor], alpha: float | None) -> 
     return 1.0 if alpha is None or rank is None else alpha / rank
 
 
-def product(kind: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The unscaled fp32 delta of one module: B @ A, kron(w1, w2) or the Hadamard product."""
-    f = {k: v.float() for k, v in parts.items()}
-    if kind in ("lora", "dora"):
-        return f["B"] @ f["A"]
-    if kind == "loha":
-        return (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
-    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
-    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
-    return torch.kron(w1, w2)
-
-
-def merged(kind: str, parts: Mapping[str, torch.Tensor], alpha: float | None, weight: torch.Tensor) -> torch.Tensor:
-    """The base ``weight`` with one module merged in, fp32 (DoRA normalised as DoRA defines it)."""
-    w = weight.float()
-    v = w + scale(kind, parts, alpha) * product(kind, parts).reshape(w.shape)
-    if "dora_scale" not in parts:
-        return v
-    return v * (parts["dora_scale"].float().reshape(-1, 1) / v.norm(dim=1, keepdim=True))
-
-
 # ---------------------------------------------------------------- kernel names <-> file names
 
 #: kernel (peft) part -> file part, for the parts whose names differ

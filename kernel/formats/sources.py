@@ -286,8 +286,13 @@ def _fits_arch(where: str, value: str, kind: str, config: dict, arch) -> list[Pr
 
 def _target_dtype(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
     """As ``from_pretrained(torch_dtype=...)``: modules the class keeps in
-    fp32 (norms, modulation, time embedder; UMT5's ``wo``) stay fp32."""
+    fp32 stay fp32 -- diffusers' (norms, modulation, time embedder) always,
+    transformers' (UMT5's ``wo``) only under fp16, as transformers does."""
+    from transformers import PreTrainedModel
+
     keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    if isinstance(module, PreTrainedModel) and dtype != torch.float16:
+        keep = getattr(module, "_keep_in_fp32_modules_strict", None) or ()
     return torch.float32 if any(k in name.split(".") for k in keep) else dtype
 
 

@@ -228,3 +228,17 @@ def test_a_computed_ara_is_cached_beside_the_expert_file(tiny_model, originals):
     source = _source(tiny_model, originals["bf16"])
     path = ara.ara_cache_path(source, "transformer_2", "qint4+ara", 16)
     assert path.parent == originals["bf16"]["low_noise"].parent and path.name.startswith("low_noise.wantrain_ara_svd_qint4_r16")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_single_file_text_encoder_keeps_the_dtypes_from_pretrained_keeps(tmp_path, dtype):
+    """transformers keeps UMT5's ``wo`` in fp32 under fp16 only (a bf16 run kept
+    it fp32 from a single file: ~2 GiB more than from the Diffusers folder)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wantrain.formats.sources import _target_dtype
+
+    UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1)).save_pretrained(tmp_path)
+    ref = UMT5EncoderModel.from_pretrained(tmp_path, torch_dtype=dtype)
+    for name, p in ref.named_parameters():
+        assert _target_dtype(ref, name, dtype) == p.dtype, name
