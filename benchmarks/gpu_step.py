@@ -45,11 +45,18 @@ OPTIONAL = {"flash_attn": "flash-attn", "xformers": "xformers"}
 SMOKE = {"num_attention_heads": 2, "attention_head_dim": 128, "ffn_dim": 512, "num_layers": 2}
 
 
+def _importable(module: str) -> bool:
+    """``module`` can be imported (a dotted name whose parent package is missing: no)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def install_from_wheels(wheels: Path) -> None:
     """pip-install, from ``wheels`` only, what is missing (needed, then optional kernels)."""
     for names, required in ((NEEDS, True), (OPTIONAL, False)):
-        missing = [pkg for mod, pkg in names.items() if importlib.util.find_spec(mod.split(".")[0]) is None
-                   or (mod == "optimum.quanto" and importlib.util.find_spec("optimum") is None)]
+        missing = [pkg for mod, pkg in names.items() if not _importable(mod)]
         for pkg in missing:
             cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), pkg]
             ok = subprocess.run(cmd, capture_output=True, text=True).returncode == 0
@@ -130,11 +137,14 @@ def inputs(size: int, frames: int, device: torch.device, text_dim: int = 4096):
 
 
 def set_compiled(module: torch.nn.Module, on: bool) -> None:
-    """Regional compilation: each block its own compiled forward (one graph, reused by every block)."""
+    """``[training] compile`` as training does it (:func:`wantrain.compilation.compile_blocks`), or back to eager."""
+    from wantrain import compilation
+
+    if on:
+        compilation.compile_blocks(module, True)
+        return
     for block in module.blocks:
-        if on:
-            block.compile()
-        elif getattr(block, "_compiled_call_impl", None) is not None:
+        if getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
 
 

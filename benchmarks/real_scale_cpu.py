@@ -58,6 +58,15 @@ def status(field):
         if line.startswith(field): return int(line.split()[1]) * 1024
 folder, qtype, use_ara, tokens, out = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), Path(sys.argv[5])
 base_rss = status("VmRSS")  # the interpreter with torch, diffusers, peft, quanto and torchao imported
+ara_s = [0.0]  # time inside the SVD of each layer's residual
+_svd = ara_mod.svd_ara
+def timed_svd(*args, **kwargs):
+    t = time.perf_counter()
+    try:
+        return _svd(*args, **kwargs)
+    finally:
+        ara_s[0] += time.perf_counter() - t
+ara_mod.svd_ara = timed_svd
 t0 = time.perf_counter()
 plan = ara_mod.AraPlan(qtype + "+ara", 16) if use_ara else None
 m = loader.load_quantized_expert(ModelSource(folder), "transformer", dtype=torch.bfloat16, qtype=qtype, ara=plan)
@@ -77,7 +86,7 @@ quant = sum(stored(t, seen) for _, layer in loader.quantized_linears(m)
             for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)])
 held = sum(stored(t, seen) for t in [*m.parameters(), *m.buffers()])
 params = attach_lora(m, 16, 16.0, LORA_MODULES, seed=0)
-lora_bytes = sum(p.numel() * 4 for p in params)
+lora_bytes = sum(stored(p, seen) for p in params)  # the fp32 LoRA as it is held
 m.enable_gradient_checkpointing(); m.train()
 side = 2 * max(1, round(tokens ** 0.5))
 g = torch.Generator().manual_seed(0)
@@ -90,7 +99,7 @@ opt = torch.optim.AdamW(params, lr=1e-4); opt.step()
 step_s = time.perf_counter() - t1
 tensors = comfy_tensors(from_state(lora_state(m), 16.0), torch.bfloat16)
 save_file(tensors, str(out))
-print(json.dumps({"peak": status("VmHWM"), "loaded_rss": loaded_rss, "base": base_rss, "load_s": load_s, "step_s": step_s,
+print(json.dumps({"peak": status("VmHWM"), "loaded_rss": loaded_rss, "base": base_rss, "load_s": load_s, "ara_s": ara_s[0], "step_s": step_s,
                   "tokens": (side // 2) ** 2, "file": out.stat().st_size, "keys": len(tensors), "quant": quant,
                   "ara": ara_bytes, "lora": lora_bytes, "other": held, "ara_layers": len(ara_mod.ara_layers(m))}))
 """
@@ -105,9 +114,8 @@ def estimate_lines(config: dict, qtype: str, ara: bool) -> dict:
     name = qtype + ("+ara" if ara else "")
     s = est.Settings(dtype="bf16", weight_bytes=WEIGHT_BYTES[name], weight_format=name, ara_rank=16 if ara else 0,
                      quantize_exclude=loader.DEFAULT_EXCLUDE, rank=16, modules=LORA_MODULES)
-    c = est.count_transformer(config, True, s.quantize_exclude, s.modules)
-    return {"weights": est.expert_weight_bytes(s, c), "ara": 2 * s.ara_rank * c.quantized_io,
-            "lora": 4 * s.rank * c.lora_io}
+    weights, ara, lora = est.expert_bytes(s, est.count_transformer(config, True, s.quantize_exclude, s.modules))
+    return {"weights": weights, "ara": ara, "lora": lora}
 
 
 def main(argv=None) -> int:
@@ -139,7 +147,6 @@ def main(argv=None) -> int:
     print("  /loaded: peak RSS / the loaded expert's bytes; -base: with the interpreter's RSS before loading taken "
           "off;\n  load: RSS after loading (less the base) / loaded; +state: peak less the base / (loaded + the "
           "LoRA's fp32 weights, gradients and two AdamW moments)")
-    plain_load = {}
     try:
         for qtype in args.qtypes:
             for ara in (False, True):
@@ -152,8 +159,6 @@ def main(argv=None) -> int:
                     print(f"{label:<12} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:150]}")
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                plain_load.setdefault(qtype, r["load_s"])
-                r["ara_s"] = r["load_s"] - plain_load[qtype] if ara else 0.0  # the SVD ARA: the extra load time
                 loaded = r["quant"] + r["ara"] + r["other"]
                 e = estimate_lines(config, qtype, ara)
                 held_w = r["quant"] + r["other"]
