@@ -15,6 +15,7 @@ from wantrain.commands.cli import main as cli
 from wantrain.errors import WantrainError
 from wantrain.formats import lora as lora_format
 from wantrain.formats import safetensors as st
+from wantrain.formats import snapshot
 from wantrain.profile import load_profile
 
 A, B = torch.randn(4, 8), torch.zeros(8, 4)
@@ -278,11 +279,9 @@ def test_loss_summary_of_short_runs_does_not_repeat_one_number():
 
 
 def test_docs_agree_with_resume_on_a_changed_dataset():
-    from wantrain import resume
-
     root = Path(__file__).resolve().parents[2]
     data_md, ckpt_md = (root / "docs" / "data.md").read_text(), (root / "docs" / "checkpoints.md").read_text()
-    assert "datasets" in resume.BREAKING  # a changed [[datasets]] setting is refused ...
+    assert "datasets" in snapshot.BREAKING  # a changed [[datasets]] setting is refused ...
     assert "A changed dataset or seed\n  still resumes" not in data_md  # ... which data.md used to deny
     for text in (data_md, ckpt_md):
         text = " ".join(text.split())

@@ -134,6 +134,9 @@ def test_timestep_wrapper_records_the_answer_and_never_answers():
     pm.register(_FixedTimesteps(), name="timesteps")
     pm.register(plugin, name="tensorboard")
     g = torch.Generator().manual_seed(0)
+    pm.hook.sample_timesteps(run=None, expert="high_noise", batch_size=3, generator=g)
+    assert plugin.timesteps == {}  # no writer (a rank > 0 under torchrun): nothing kept, step after step
+    plugin.writer = object()  # rank 0's writer (on_step reads the kept draws)
     got = pm.hook.sample_timesteps(run=None, expert="high_noise", batch_size=3, generator=g)
     pm.hook.sample_timesteps(run=None, expert="low_noise", batch_size=2, generator=g)
     assert got.tolist() == [900.0] * 3
